@@ -1,0 +1,83 @@
+//! What every hearth service shares: options, telemetry, the admin server, the shutdown signal,
+//! leader election, and the annotation contract.
+
+pub mod admin;
+pub mod annotations;
+pub mod leader;
+pub mod metrics;
+pub mod options;
+mod sensitive;
+pub mod shutdown;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use options::{CommonOptions, LogFormat};
+pub use sensitive::Sensitive;
+
+use admin::{AdminServer, Readiness};
+use shutdown::Shutdown;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid log filter {filter:?}: {reason}")]
+    LogFilter { filter: String, reason: String },
+    #[error("a log subscriber was already installed")]
+    TelemetryAlreadySet,
+    #[error("cannot listen for the admin server on {addr}: {source}")]
+    AdminBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin server failed: {0}")]
+    AdminServe(std::io::Error),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot listen for shutdown signals: {0}")]
+    Signal(std::io::Error),
+    #[error("tasks were still running {0:?} after the shutdown signal")]
+    DrainTimedOut(Duration),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// A running service process: logging set up, the admin server listening, signals handled.
+/// A service adds its own tasks through `shutdown` and its readiness gates through `readiness`.
+pub struct Process {
+    pub registry: prometheus::Registry,
+    pub readiness: Readiness,
+    pub shutdown: Shutdown,
+    pub admin_addr: SocketAddr,
+}
+
+impl Process {
+    pub async fn start(
+        service: &'static str,
+        version: &'static str,
+        options: &CommonOptions,
+    ) -> Result<Self, Error> {
+        telemetry::init(options.log_format, &options.rust_log)?;
+        let registry = metrics::registry(service, version)?;
+        let readiness = Readiness::default();
+        let shutdown = Shutdown::new(shutdown::DEFAULT_DRAIN);
+        shutdown.listen_for_signals()?;
+        let admin = AdminServer::bind(options.admin_addr, readiness.clone(), registry.clone()).await?;
+        let admin_addr = admin.local_addr()?;
+        shutdown.spawn("admin-server", admin.serve(shutdown.token()));
+        tracing::info!(service, version, admin = %admin_addr, pod = %options.pod_name, "started");
+        Ok(Self {
+            registry,
+            readiness,
+            shutdown,
+            admin_addr,
+        })
+    }
+
+    /// Waits for the shutdown signal and the drain of every task.
+    pub async fn run_until_shutdown(self) -> Result<(), Error> {
+        let result = self.shutdown.wait().await;
+        tracing::info!("stopped");
+        result
+    }
+}
