@@ -208,9 +208,7 @@ pub fn parse_redis(value: &str) -> Result<Option<RedisRequest>, AnnotationError>
         && value.bytes().all(|b| b.is_ascii_digit())
         && !(value.len() == 2 && value.starts_with('0'));
     match value.parse::<u8>() {
-        Ok(index) if canonical && index <= MAX_REDIS_INDEX => {
-            Ok(Some(RedisRequest::Claim(index)))
-        }
+        Ok(index) if canonical && index <= MAX_REDIS_INDEX => Ok(Some(RedisRequest::Claim(index))),
         _ => Err(AnnotationError::new(REDIS, value, ACCEPTED)),
     }
 }
@@ -505,7 +503,10 @@ fn split_list<'v>(
     if value.is_empty() || value.len() > MAX_LIST_LEN {
         return Err(error());
     }
-    let items: Vec<&str> = value.split(',').map(|item| item.trim_matches(' ')).collect();
+    let items: Vec<&str> = value
+        .split(',')
+        .map(|item| item.trim_matches(' '))
+        .collect();
     let unique: BTreeSet<&str> = items.iter().copied().collect();
     if items.iter().any(|item| item.is_empty()) || unique.len() != items.len() {
         return Err(error());
@@ -602,16 +603,36 @@ mod tests {
         let named = |v: &str| parse_postgres(v, "paper-less").map(|n| n.map(|n| n.to_string()));
         assert_eq!(named("true").unwrap().as_deref(), Some("paper_less"));
         assert_eq!(named("false").unwrap(), None);
-        assert_eq!(named("paperless_2").unwrap().as_deref(), Some("paperless_2"));
-        assert_eq!(named(&format!("a{}", "b".repeat(62))).unwrap().unwrap().len(), 63);
+        assert_eq!(
+            named("paperless_2").unwrap().as_deref(),
+            Some("paperless_2")
+        );
+        assert_eq!(
+            named(&format!("a{}", "b".repeat(62)))
+                .unwrap()
+                .unwrap()
+                .len(),
+            63
+        );
         for bad in [
-            "Paperless", "2fa", "_x", "a-b", "a b", &format!("a{}", "b".repeat(63)),
-            "postgres", "template1", "pg_catalog", "x\"; DROP ROLE y; --",
+            "Paperless",
+            "2fa",
+            "_x",
+            "a-b",
+            "a b",
+            &format!("a{}", "b".repeat(63)),
+            "postgres",
+            "template1",
+            "pg_catalog",
+            "x\"; DROP ROLE y; --",
         ] {
             assert!(named(bad).is_err(), "{bad}");
         }
         let error = parse_postgres("true", "1password").unwrap_err();
-        assert!(error.to_string().contains("give the name explicitly"), "{error}");
+        assert!(
+            error.to_string().contains("give the name explicitly"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -622,7 +643,13 @@ mod tests {
             .map(|e| e.as_str().to_owned())
             .collect();
         assert_eq!(names, ["pg_trgm", "uuid-ossp", "vector"]);
-        for bad in ["pg_trgm,,vector", "pg_trgm,pg_trgm", ",", "Vector", "vector;drop"] {
+        for bad in [
+            "pg_trgm,,vector",
+            "pg_trgm,pg_trgm",
+            ",",
+            "Vector",
+            "vector;drop",
+        ] {
             assert!(parse_postgres_extensions(bad).is_err(), "{bad}");
         }
     }
@@ -633,7 +660,19 @@ mod tests {
         assert_eq!(parse_redis("false").unwrap(), None);
         assert_eq!(parse_redis("0").unwrap(), Some(RedisRequest::Claim(0)));
         assert_eq!(parse_redis("15").unwrap(), Some(RedisRequest::Claim(15)));
-        for bad in ["16", "-1", "abc", "01", "+1", "1.0", "255", "256", "0x1", "١", "99999999999999999999"] {
+        for bad in [
+            "16",
+            "-1",
+            "abc",
+            "01",
+            "+1",
+            "1.0",
+            "255",
+            "256",
+            "0x1",
+            "١",
+            "99999999999999999999",
+        ] {
             let error = parse_redis(bad).unwrap_err();
             assert!(error.to_string().contains("\"0\" to \"15\""), "{error}");
         }
@@ -644,7 +683,10 @@ mod tests {
         assert_eq!(parse_profile("paperless").unwrap(), Profile::Paperless);
         assert_eq!(parse_profile("immich").unwrap().as_str(), "immich");
         assert_eq!(parse_deletion_policy("drop").unwrap(), DeletionPolicy::Drop);
-        assert_eq!(parse_deletion_policy("retain").unwrap(), DeletionPolicy::Retain);
+        assert_eq!(
+            parse_deletion_policy("retain").unwrap(),
+            DeletionPolicy::Retain
+        );
         assert!(parse_flag(FUNNEL, "true").unwrap());
         assert!(!parse_flag(FUNNEL, "false").unwrap());
         assert!(parse_flag(FUNNEL, "yes").is_err());
@@ -680,8 +722,17 @@ mod tests {
             ]
         );
         for bad in [
-            "paperless", "paperless:", ":80", "paperless:0", "paperless:65536", "paperless:080",
-            "Paperless:80", "1app:80", "a:80,a:80", "a:b:c", "a:very-long-port-name",
+            "paperless",
+            "paperless:",
+            ":80",
+            "paperless:0",
+            "paperless:65536",
+            "paperless:080",
+            "Paperless:80",
+            "1app:80",
+            "a:80,a:80",
+            "a:b:c",
+            "a:very-long-port-name",
         ] {
             assert!(parse_expose(bad).is_err(), "{bad}");
         }
@@ -700,7 +751,10 @@ mod tests {
         for bad in ["k8s", "tag:", "tag:1x", "tag:a b", "tag:a,tag:a"] {
             assert!(parse_tailscale_tags(bad).is_err(), "{bad}");
         }
-        assert_eq!(parse_proxy_group("ingress.proxies").unwrap(), "ingress.proxies");
+        assert_eq!(
+            parse_proxy_group("ingress.proxies").unwrap(),
+            "ingress.proxies"
+        );
         assert!(parse_proxy_group("a..b").is_err());
         assert_eq!(
             parse_restart_on_url_change("paperless,paperless-worker").unwrap(),
@@ -723,8 +777,12 @@ mod tests {
             ProbeTarget::Url(_)
         ));
         for bad in [
-            "paperless:8000", "paperless/health", "ftp://host/", "https://user:pw@host/",
-            "https://", "paperless:8000/a b",
+            "paperless:8000",
+            "paperless/health",
+            "ftp://host/",
+            "https://user:pw@host/",
+            "https://",
+            "paperless:8000/a b",
         ] {
             assert!(parse_probe(bad).is_err(), "{bad}");
         }

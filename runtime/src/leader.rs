@@ -185,7 +185,12 @@ impl LeaderElection {
     /// A Lease is expired when nobody holds it, or when its record has not changed for a whole
     /// lease duration as measured on this process's own monotonic clock.
     fn expired(&self, spec: &LeaseSpec, observed: &mut Option<Observed>) -> bool {
-        if spec.holder_identity.as_deref().unwrap_or_default().is_empty() {
+        if spec
+            .holder_identity
+            .as_deref()
+            .unwrap_or_default()
+            .is_empty()
+        {
             return true;
         }
         let unchanged = observed.as_ref().is_some_and(|seen| {
@@ -236,7 +241,9 @@ impl LeaderElection {
             .await
         {
             Ok(_) => tracing::info!(lease = %self.lease_name, "leadership released"),
-            Err(error) => tracing::warn!(lease = %self.lease_name, error = %error, "could not release the lease"),
+            Err(error) => {
+                tracing::warn!(lease = %self.lease_name, error = %error, "could not release the lease")
+            }
         }
     }
 }

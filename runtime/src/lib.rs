@@ -62,7 +62,8 @@ impl Process {
         let readiness = Readiness::default();
         let shutdown = Shutdown::new(shutdown::DEFAULT_DRAIN);
         shutdown.listen_for_signals()?;
-        let admin = AdminServer::bind(options.admin_addr, readiness.clone(), registry.clone()).await?;
+        let admin =
+            AdminServer::bind(options.admin_addr, readiness.clone(), registry.clone()).await?;
         let admin_addr = admin.local_addr()?;
         shutdown.spawn("admin-server", admin.serve(shutdown.token()));
         tracing::info!(service, version, admin = %admin_addr, pod = %options.pod_name, "started");

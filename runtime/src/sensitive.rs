@@ -44,7 +44,10 @@ mod tests {
     #[test]
     fn formatting_never_shows_the_value() {
         let secret: Sensitive<String> = "postgres://admin:s3cret@db/x".parse().unwrap();
-        assert_eq!(format!("{secret:?} {secret} {secret:#?}"), "[redacted] [redacted] [redacted]");
+        assert_eq!(
+            format!("{secret:?} {secret} {secret:#?}"),
+            "[redacted] [redacted] [redacted]"
+        );
         assert_eq!(secret.expose(), "postgres://admin:s3cret@db/x");
     }
 }

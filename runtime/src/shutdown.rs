@@ -143,7 +143,9 @@ mod tests {
     #[tokio::test]
     async fn a_failed_task_stops_the_process_and_is_reported() {
         let shutdown = Shutdown::new(Duration::from_secs(5));
-        shutdown.spawn("broken", async { Err(Error::Signal(std::io::Error::other("broken"))) });
+        shutdown.spawn("broken", async {
+            Err(Error::Signal(std::io::Error::other("broken")))
+        });
         let error = shutdown.wait().await.unwrap_err();
         assert!(matches!(error, Error::Signal(_)), "{error}");
     }

@@ -97,7 +97,9 @@ mod tests {
 
     #[test]
     fn a_bad_filter_is_an_error_naming_it() {
-        let error = subscriber(LogFormat::Plain, "info,[=", std::io::sink).err().unwrap();
+        let error = subscriber(LogFormat::Plain, "info,[=", std::io::sink)
+            .err()
+            .unwrap();
         assert!(error.to_string().contains("info,[="), "{error}");
     }
 }

@@ -1,1 +1,47 @@
-//! The test harness.
+//! The test harness every hearth integration test uses: an ephemeral PostgreSQL and Redis
+//! started from the machine's own binaries, an in-process fake Kubernetes API server, and
+//! helpers to run a service binary as a process and talk to its admin server.
+
+pub mod admin;
+pub mod fake_api;
+pub mod postgres;
+pub mod redis;
+
+use std::net::TcpListener;
+
+pub use fake_api::FakeApiServer;
+pub use postgres::PostgresServer;
+pub use redis::RedisServer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error(
+        "{binary} was not found ({looked}); install the Debian package `{package}` \
+         (apt-get install {package})"
+    )]
+    MissingBinary {
+        binary: &'static str,
+        package: &'static str,
+        looked: String,
+    },
+    #[error("{0}")]
+    Startup(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+/// A port free on 127.0.0.1 at the time of asking.
+pub fn free_port() -> Result<u16, HarnessError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Finds an executable on PATH.
+fn on_path(binary: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(binary))
+            .find(|candidate| candidate.is_file())
+    })
+}

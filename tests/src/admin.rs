@@ -1,0 +1,195 @@
+//! Runs a service binary as its own process and talks to its admin server over HTTP.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tempfile::NamedTempFile;
+
+use crate::{HarnessError, free_port, on_path};
+
+pub struct HttpReply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// One HTTP/1.1 GET over a fresh connection.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<HttpReply, HarnessError> {
+    let failed = |e: &dyn std::fmt::Display| HarnessError::Startup(format!("GET {path}: {e}"));
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| failed(&e))?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| failed(&e))?;
+    let response = sender.send_request(request).await.map_err(|e| failed(&e))?;
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| failed(&e))?
+        .to_bytes();
+    Ok(HttpReply {
+        status,
+        content_type,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// A service binary running as a child process, its admin server on a free loopback port and
+/// its log captured.
+pub struct ServiceProcess {
+    child: std::process::Child,
+    pub admin: SocketAddr,
+    log: NamedTempFile,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` with `env` added and waits until `/livez` answers.
+    pub async fn start(binary: &Path, env: &[(&str, &str)]) -> Result<Self, HarnessError> {
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        let log = NamedTempFile::new()?;
+        let child = Command::new(binary)
+            .env("ADMIN_ADDR", admin.to_string())
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.reopen()?)
+            .stderr(log.reopen()?)
+            .spawn()?;
+        let mut process = Self { child, admin, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if http_get(admin, "/livez").await.is_ok() {
+                return Ok(process);
+            }
+            if process.child.try_wait()?.is_some() || Instant::now() > deadline {
+                return Err(HarnessError::Startup(format!(
+                    "{} did not answer on {admin}: {}",
+                    binary.display(),
+                    process.logs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Result<HttpReply, HarnessError> {
+        http_get(self.admin, path).await
+    }
+
+    /// Sends SIGTERM, as the kubelet does, and waits for the process to exit.
+    pub async fn terminate(&mut self, within: Duration) -> Result<ExitStatus, HarnessError> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Startup(format!(
+                    "still running {within:?} after SIGTERM"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Everything the process has logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `promtool check metrics` (Debian package `prometheus`) over an exposition.
+pub fn promtool_check_metrics(exposition: &str) -> Result<(), HarnessError> {
+    let promtool = on_path("promtool").ok_or(HarnessError::MissingBinary {
+        binary: "promtool",
+        package: "prometheus",
+        looked: "on PATH".into(),
+    })?;
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(exposition.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(HarnessError::Startup(format!(
+            "promtool check metrics failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )))
+    }
+}
+
+/// What every service binary must do on its admin port, checked against a running process:
+/// `/livez` and `/readyz` answer 200, `/metrics` is text format 0.0.4 with
+/// `hearth_build_info{service,version}` and passes promtool, and SIGTERM ends it cleanly with
+/// JSON log lines.
+pub async fn check_service_binary(binary: &str, service: &str) -> Result<(), HarnessError> {
+    let mut process = ServiceProcess::start(Path::new(binary), &[]).await?;
+    let livez = process.get("/livez").await?;
+    assert_eq!(livez.status, 200, "/livez: {}", livez.body);
+    let readyz = process.get("/readyz").await?;
+    assert_eq!(readyz.status, 200, "/readyz: {}", readyz.body);
+    let metrics = process.get("/metrics").await?;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .content_type
+            .starts_with("text/plain; version=0.0.4"),
+        "content type {:?}",
+        metrics.content_type
+    );
+    let build_info = format!(
+        "hearth_build_info{{service=\"{service}\",version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(metrics.body.contains(&build_info), "{}", metrics.body);
+    promtool_check_metrics(&metrics.body)?;
+    let missing = process.get("/nothing-here").await?;
+    assert_eq!(missing.status, 404);
+    let status = process.terminate(Duration::from_secs(10)).await?;
+    assert!(status.success(), "exit status {status}: {}", process.logs());
+    let logs = process.logs();
+    for line in logs.lines() {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "not a JSON log line: {line}");
+    }
+    assert!(logs.contains("\"started\""), "{logs}");
+    assert!(logs.contains("\"stopped\""), "{logs}");
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! An ephemeral Redis: `redis-server` on a free loopback port with no persistence, from the
+//! machine's own binary. Stopped when dropped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::{HarnessError, free_port, on_path};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct RedisServer {
+    dir: TempDir,
+    binary: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Result<Self, HarnessError> {
+        let binary = on_path("redis-server")
+            .or_else(|| Some(PathBuf::from("/usr/bin/redis-server")).filter(|p| p.is_file()))
+            .ok_or(HarnessError::MissingBinary {
+                binary: "redis-server",
+                package: "redis-server",
+                looked: "on PATH and in /usr/bin".into(),
+            })?;
+        let mut server = Self {
+            dir: tempfile::Builder::new().prefix("hearth-redis-").tempdir()?,
+            binary,
+            port: free_port()?,
+            child: None,
+        };
+        server.restart().await?;
+        Ok(server)
+    }
+
+    /// Starts (or starts again, on the same port, empty, as after a real restart without
+    /// persistence) the server and waits for PING.
+    pub async fn restart(&mut self) -> Result<(), HarnessError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let log = self.dir.path().join("redis.log");
+        let child = Command::new(&self.binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(mut connection) = self.connect().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .map(|c| c.try_wait())
+                .transpose()?
+                .flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                self.child = None;
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(HarnessError::Startup(format!(
+                    "redis-server did not start: {log}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Kills the server; its data is gone, as for a Redis without persistence.
+    pub fn stop(&mut self) -> Result<(), HarnessError> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A connection as the default user.
+    pub async fn connect(&self) -> Result<redis::aio::MultiplexedConnection, HarnessError> {
+        let client = redis::Client::open(self.url())
+            .map_err(|e| HarnessError::Startup(format!("redis URL: {e}")))?;
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| HarnessError::Startup(format!("connecting to redis: {e}")))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Err(error) = self.stop() {
+            eprintln!("stopping the test redis failed: {error}");
+        }
+    }
+}
