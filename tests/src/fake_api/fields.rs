@@ -30,7 +30,8 @@ fn is_system_path(path: &[String]) -> bool {
     }
 }
 
-/// The leaf paths a manager claims by sending `config`.
+/// The leaf paths a manager claims by sending `config`. An empty map claims nothing: applying
+/// `data: {}` merges no keys, so it must neither own nor conflict over the keys others set.
 pub fn owned_by(config: &Value) -> FieldSet {
     let mut out = FieldSet::new();
     collect_leaves(config, &mut Vec::new(), &mut out);
@@ -40,7 +41,7 @@ pub fn owned_by(config: &Value) -> FieldSet {
 
 fn collect_leaves(value: &Value, prefix: &mut Path, out: &mut FieldSet) {
     match value {
-        Value::Object(map) if !map.is_empty() => {
+        Value::Object(map) => {
             for (key, child) in map {
                 prefix.push(key.clone());
                 collect_leaves(child, prefix, out);
