@@ -1,10 +1,24 @@
-//! db-provisioner: Creates each opted-in app's PostgreSQL role and database and Redis index, and delivers the credentials as a Secret.
+//! db-provisioner: creates each opted-in app's PostgreSQL role and database and its Redis
+//! database index and ACL user, and delivers the credentials as Secret `hearth-db` in the app's
+//! namespace.
 //!
-//! Today the process runs the shared admin server and waits for shutdown; its reconcile work
-//! arrives with its own issue.
+//! The reconcile pipeline: fetch (the Namespace and what is already there) → validate
+//! ([`desired`], pure) → build ([`secret`], pure) → apply ([`postgres`], [`redis`], server-side
+//! apply of the Secret) → report (Events, annotations, metrics), in [`controller`].
+
+pub mod controller;
+pub mod credentials;
+pub mod desired;
+pub mod metrics;
+pub mod postgres;
+pub mod redis;
+pub mod secret;
+pub mod store;
+
+use std::time::Duration;
 
 use clap::Parser;
-use hearth_runtime::{CommonOptions, Process};
+use hearth_runtime::{CommonOptions, Process, Sensitive};
 
 pub const SERVICE: &str = "db-provisioner";
 
@@ -13,16 +27,167 @@ pub const SERVICE: &str = "db-provisioner";
 pub struct Options {
     #[command(flatten)]
     pub common: CommonOptions,
+
+    /// Admin connection URL: a role with CREATEDB and CREATEROLE (need not be superuser).
+    #[arg(long, env = "POSTGRES_ADMIN_URL", hide_env_values = true)]
+    pub postgres_admin_url: Option<Sensitive<String>>,
+
+    /// The PostgreSQL host apps are told to use (default: the admin URL's host).
+    #[arg(long, env = "POSTGRES_APP_HOST")]
+    pub postgres_app_host: Option<String>,
+
+    /// The PostgreSQL port apps are told to use (default: the admin URL's port).
+    #[arg(long, env = "POSTGRES_APP_PORT")]
+    pub postgres_app_port: Option<u16>,
+
+    /// The sslmode written into URIs that need one spelled out (miniflux's DATABASE_URL).
+    #[arg(long, env = "POSTGRES_APP_SSLMODE", default_value = "disable")]
+    pub postgres_app_sslmode: String,
+
+    /// Extensions apps may ask for, comma-separated.
+    #[arg(
+        long,
+        env = "POSTGRES_EXTENSIONS_ALLOWED",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub postgres_extensions_allowed: Vec<String>,
+
+    /// Admin connection URL for Redis.
+    #[arg(long, env = "REDIS_ADMIN_URL", hide_env_values = true)]
+    pub redis_admin_url: Option<Sensitive<String>>,
+
+    /// The Redis host apps are told to use (default: the admin URL's host).
+    #[arg(long, env = "REDIS_APP_HOST")]
+    pub redis_app_host: Option<String>,
+
+    /// The Redis port apps are told to use (default: the admin URL's port).
+    #[arg(long, env = "REDIS_APP_PORT")]
+    pub redis_app_port: Option<u16>,
+
+    /// How often every opted-in namespace is checked again, to repair drift (e.g. 5m, 30s).
+    #[arg(long, env = "RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+}
+
+/// `90s`, `5m`, `1h`, or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 30s, 5m or 1h"))?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        _ => return Err(format!("{text:?} is not a duration such as 30s, 5m or 1h")),
+    };
+    Ok(Duration::from_secs(seconds.max(1)))
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Runtime(#[from] hearth_runtime::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("invalid annotations: {0}")]
+    InvalidAnnotations(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0} is not set, so this namespace's {1} cannot be provisioned")]
+    NotConfigured(&'static str, &'static str),
+    #[error("no free Redis database index is left for this namespace")]
+    RedisIndexExhausted,
+    #[error("Kubernetes API, {action}: {source}")]
+    Kube {
+        action: &'static str,
+        source: kube::Error,
+    },
+    #[error("PostgreSQL is unavailable: {0}")]
+    PostgresUnavailable(String),
+    #[error("PostgreSQL refused to {action}: {detail}")]
+    Postgres {
+        action: &'static str,
+        duplicate: bool,
+        detail: String,
+    },
+    #[error("Redis is unavailable: {0}")]
+    RedisUnavailable(String),
+    #[error("Redis refused {action}: {detail}")]
+    Redis {
+        action: &'static str,
+        detail: String,
+    },
+    #[error("the operating system's random source failed: {0}")]
+    Random(String),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+impl Error {
+    /// The metric label and Event reason: a small, fixed set, never error text.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Runtime(_) | Self::Metrics(_) | Self::Random(_) => "Internal",
+            Self::Config(_) | Self::NotConfigured(..) => "NotConfigured",
+            Self::InvalidAnnotations(_) | Self::Invalid(_) => "InvalidAnnotation",
+            Self::Conflict(_) => "Conflict",
+            Self::RedisIndexExhausted => "RedisIndexExhausted",
+            Self::Kube { .. } => "KubernetesError",
+            Self::PostgresUnavailable(_) => "PostgresUnavailable",
+            Self::Postgres { .. } => "PostgresError",
+            Self::RedisUnavailable(_) => "RedisUnavailable",
+            Self::Redis { .. } => "RedisError",
+        }
+    }
+
+    /// Errors that only a change to the namespace can fix; the rest are retried with backoff.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::InvalidAnnotations(_) | Self::Invalid(_))
+    }
 }
 
 pub async fn run(options: Options) -> Result<(), Error> {
     let process = Process::start(SERVICE, env!("CARGO_PKG_VERSION"), &options.common).await?;
+    controller::start(&process, options).await?;
     process.run_until_shutdown().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Options::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("5 minutes").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn the_admin_url_never_shows_in_debug_output() {
+        let options = Options::try_parse_from([
+            "db-provisioner",
+            "--postgres-admin-url",
+            "postgres://admin:TopSecret@pg/postgres",
+        ])
+        .unwrap();
+        assert!(!format!("{options:?}").contains("TopSecret"));
+    }
 }

@@ -55,12 +55,11 @@ impl Leadership {
         }
     }
 
-    /// Resolves when leadership changes either way.
-    pub async fn changed(&mut self) -> bool {
-        if self.0.changed().await.is_err() {
-            return false;
-        }
-        *self.0.borrow_and_update()
+    /// Resolves when leadership changes either way, with the new state; `None` once the
+    /// election has ended (shutdown).
+    pub async fn changed(&mut self) -> Option<bool> {
+        self.0.changed().await.ok()?;
+        Some(*self.0.borrow_and_update())
     }
 }
 

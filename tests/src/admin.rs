@@ -155,16 +155,33 @@ pub fn promtool_check_metrics(exposition: &str) -> Result<(), HarnessError> {
     }
 }
 
-/// What every service binary must do on its admin port, checked against a running process:
-/// `/livez` and `/readyz` answer 200, `/metrics` is text format 0.0.4 with
-/// `hearth_build_info{service,version}` and passes promtool, and SIGTERM ends it cleanly with
-/// JSON log lines.
-pub async fn check_service_binary(binary: &str, service: &str) -> Result<(), HarnessError> {
-    let mut process = ServiceProcess::start(Path::new(binary), &[]).await?;
+/// What every service binary must do on its admin port, checked against a running process
+/// started with `env` added: `/livez` answers 200 at once and `/readyz` soon after, `/metrics`
+/// is text format 0.0.4 with `hearth_build_info{service,version}` and passes promtool, and
+/// SIGTERM ends it cleanly with JSON log lines.
+pub async fn check_service_binary(
+    binary: &str,
+    service: &str,
+    env: &[(&str, &str)],
+) -> Result<(), HarnessError> {
+    let mut process = ServiceProcess::start(Path::new(binary), env).await?;
     let livez = process.get("/livez").await?;
     assert_eq!(livez.status, 200, "/livez: {}", livez.body);
-    let readyz = process.get("/readyz").await?;
-    assert_eq!(readyz.status, 200, "/readyz: {}", readyz.body);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let readyz = process.get("/readyz").await?;
+        if readyz.status == 200 {
+            break;
+        }
+        assert_eq!(readyz.status, 503, "/readyz: {}", readyz.body);
+        assert!(
+            readyz.body.starts_with("not ready; waiting for: "),
+            "{}",
+            readyz.body
+        );
+        assert!(Instant::now() < deadline, "never ready: {}", readyz.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let metrics = process.get("/metrics").await?;
     assert_eq!(metrics.status, 200);
     assert!(

@@ -17,6 +17,9 @@ pub struct PostgresServer {
     dir: TempDir,
     bin: PathBuf,
     port: u16,
+    /// TCP logins need a password (SCRAM), as in a real deployment, so a test that logs in as
+    /// an app role proves its password; the superuser's is this one.
+    superuser_password: String,
     /// PostgreSQL refuses to run as root; as root the harness runs it as this user and group.
     run_as: Option<(u32, u32)>,
     child: Option<Child>,
@@ -37,6 +40,7 @@ impl PostgresServer {
             dir,
             bin,
             port: free_port()?,
+            superuser_password: format!("superuser-{}", free_port()?),
             run_as,
             child: None,
         };
@@ -62,12 +66,23 @@ impl PostgresServer {
     }
 
     fn initdb(&self) -> Result<(), HarnessError> {
+        let password_file = self.dir.path().join("superuser-password");
+        std::fs::write(&password_file, &self.superuser_password)?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&password_file, Some(uid), Some(gid))?;
+        }
         let output = self
             .command("initdb")
             .arg("--pgdata")
             .arg(self.data_dir())
-            .args(["--username=postgres", "--auth=trust", "--encoding=UTF8"])
-            .args(["--no-locale", "--no-sync"])
+            .arg("--pwfile")
+            .arg(&password_file)
+            .args([
+                "--username=postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
+            .args(["--encoding=UTF8", "--no-locale", "--no-sync"])
             .output()?;
         if !output.status.success() {
             return Err(HarnessError::Startup(format!(
@@ -155,9 +170,12 @@ impl PostgresServer {
         self.port
     }
 
-    /// The superuser's connection URL (trust authentication on loopback).
+    /// The superuser's connection URL.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/postgres",
+            self.superuser_password, self.port
+        )
     }
 
     /// A connection as the superuser; its driver task runs in the background.

@@ -15,11 +15,17 @@ pub struct RedisServer {
     dir: TempDir,
     binary: PathBuf,
     port: u16,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     pub async fn start() -> Result<Self, HarnessError> {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server with extra `redis-server` options, e.g. `["--databases", "2"]`.
+    pub async fn start_with(extra: &[&str]) -> Result<Self, HarnessError> {
         let binary = on_path("redis-server")
             .or_else(|| Some(PathBuf::from("/usr/bin/redis-server")).filter(|p| p.is_file()))
             .ok_or(HarnessError::MissingBinary {
@@ -31,6 +37,7 @@ impl RedisServer {
             dir: tempfile::Builder::new().prefix("hearth-redis-").tempdir()?,
             binary,
             port: free_port()?,
+            extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
             child: None,
         };
         server.restart().await?;
@@ -51,6 +58,7 @@ impl RedisServer {
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(&log)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
