@@ -226,14 +226,22 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
     });
     let controller = Controller::new(namespaces, watch_config)
         .owns(secrets, ours)
-        .with_config(ControllerConfig::default().concurrency(16))
+        // Eight at a time: faster is bound by the disk (CREATE DATABASE copies a template),
+        // and each reconcile in flight holds a database connection and its buffers.
+        .with_config(ControllerConfig::default().concurrency(8))
         .reconcile_all_on(became_leader)
         .graceful_shutdown_on(token.cancelled_owned());
     let kubernetes_ready = process.readiness.gate("kubernetes");
     let store = controller.store();
     tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            kubernetes_ready.open();
+        // kube-runtime 5's Store::wait_until_ready is not always woken when the store fills;
+        // polling it again finds it ready, so it is re-polled every half second.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready()).await {
+                Ok(Ok(())) => break kubernetes_ready.open(),
+                Ok(Err(_)) => break,
+                Err(_) => {}
+            }
         }
     });
     let running = controller

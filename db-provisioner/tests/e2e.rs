@@ -850,3 +850,20 @@ async fn two_instances_at_once_make_one_role_and_one_database_without_errors() {
         assert!(!process.logs().contains("reconcile failed"));
     }
 }
+
+#[tokio::test]
+async fn ready_once_kubernetes_postgres_and_redis_have_answered() {
+    let mut stack = Stack::start().await;
+    stack.postgres.stop().unwrap();
+    let process = stack.provisioner("pod-a", &[]).await;
+    eventually("postgres named as the missing gate", WAIT, || async {
+        let readyz = process.get("/readyz").await.ok()?;
+        (readyz.status == 503 && readyz.body == "not ready; waiting for: postgres\n").then_some(())
+    })
+    .await;
+    stack.postgres.restart().await.unwrap();
+    eventually("ready", WAIT, || async {
+        (process.get("/readyz").await.ok()?.status == 200).then_some(())
+    })
+    .await;
+}
