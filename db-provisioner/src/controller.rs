@@ -424,7 +424,7 @@ async fn reconcile_namespace(namespace: &Namespace, context: &Context) -> Result
         }
         _ => None,
     };
-    if rotation_due {
+    let credentials = if rotation_due {
         let rotated = Credentials {
             postgres_password: new_postgres.or(credentials.postgres_password),
             redis_password: new_redis.or(credentials.redis_password),
@@ -435,25 +435,27 @@ async fn reconcile_namespace(namespace: &Namespace, context: &Context) -> Result
             "rotated the passwords (hearth.dev/rotate: {:?})",
             desired.rotate.as_deref().unwrap_or_default()
         ));
-        write_secret(
-            namespace,
-            &desired,
-            &rotated,
-            redis_index,
-            existing.as_ref(),
-            context,
-        )
-        .await?;
+        rotated
     } else {
-        write_secret(
-            namespace,
-            &desired,
-            &credentials,
-            redis_index,
-            existing.as_ref(),
-            context,
-        )
-        .await?;
+        credentials
+    };
+    write_secret(
+        namespace,
+        &desired,
+        &credentials,
+        redis_index,
+        existing.as_ref(),
+        context,
+    )
+    .await?;
+    if let (Profile::Wallabag, Some(index), None) = (desired.profile, redis_index, &existing) {
+        let note = format!(
+            "wallabag 2.6 cannot select a Redis database index or send a user name: it will use \
+             database 0 as the default user, not index {index} as {name}"
+        );
+        context
+            .publish(namespace, EventType::Warning, "WallabagRedisLimits", note)
+            .await;
     }
     write_back(namespace, desired.postgres.as_ref(), redis_index, context).await?;
     for note in notes {
@@ -583,15 +585,6 @@ async fn ensure_redis(
     }
     // Re-applied every time: Redis forgets ACL users when it restarts.
     redis.set_user(&mut session, name, password, index).await?;
-    if desired.profile == Profile::Wallabag {
-        let note = format!(
-            "wallabag 2.6 cannot select a Redis database index or send a user name: it will use \
-             database 0 as the default user, not index {index} as {name}"
-        );
-        context
-            .publish(namespace, EventType::Warning, "WallabagRedisLimits", note)
-            .await;
-    }
     Ok(index)
 }
 
