@@ -257,31 +257,43 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
 /// `/readyz` waits for the first successful connection to each configured database.
 fn spawn_readiness(process: &Process, context: &Arc<Context>) {
     if context.postgres.is_some() {
-        let gate = process.readiness.gate("postgres");
         let context = Arc::clone(context);
-        tokio::spawn(async move {
-            while let Some(postgres) = &context.postgres {
-                if postgres.ping().await.is_ok() {
-                    gate.open();
-                    break;
+        open_once(process.readiness.gate("postgres"), move || {
+            let context = Arc::clone(&context);
+            async move {
+                match &context.postgres {
+                    Some(postgres) => postgres.ping().await.is_ok(),
+                    None => true,
                 }
-                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         });
     }
     if context.redis.is_some() {
-        let gate = process.readiness.gate("redis");
         let context = Arc::clone(context);
-        tokio::spawn(async move {
-            while let Some(redis) = &context.redis {
-                if redis.session().await.is_ok() {
-                    gate.open();
-                    break;
+        open_once(process.readiness.gate("redis"), move || {
+            let context = Arc::clone(&context);
+            async move {
+                match &context.redis {
+                    Some(redis) => redis.session().await.is_ok(),
+                    None => true,
                 }
-                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         });
     }
+}
+
+/// Opens `gate` the first time `reachable` says yes, asking every two seconds.
+fn open_once<F, Fut>(gate: hearth_runtime::admin::ReadinessGate, mut reachable: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    tokio::spawn(async move {
+        while !reachable().await {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        gate.open();
+    });
 }
 
 /// Reconciles one namespace and reports the outcome in metrics, a log line and, for a

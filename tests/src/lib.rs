@@ -37,6 +37,29 @@ pub fn free_port() -> Result<u16, HarnessError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Waits until `ready` answers yes for a freshly started server process. `Ok(false)` when the
+/// process exited or `timeout` passed first.
+async fn wait_for_server<F, Fut>(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+    mut ready: F,
+) -> Result<bool, HarnessError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if ready().await {
+            return Ok(true);
+        }
+        if child.try_wait()?.is_some() || std::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
 /// Finds an executable on PATH.
 fn on_path(binary: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|path| {

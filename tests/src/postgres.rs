@@ -5,11 +5,11 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{HarnessError, free_port, on_path};
+use crate::{HarnessError, free_port, on_path, wait_for_server};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -106,7 +106,7 @@ impl PostgresServer {
         if let Some((uid, gid)) = self.run_as {
             std::os::unix::fs::chown(self.log_path(), Some(uid), Some(gid))?;
         }
-        let child = self
+        let mut child = self
             .command("postgres")
             .arg("-D")
             .arg(self.data_dir())
@@ -119,29 +119,22 @@ impl PostgresServer {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        self.child = Some(child);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+        let url = self.url();
+        let accepting = || async {
+            tokio_postgres::connect(&url, tokio_postgres::NoTls)
                 .await
                 .is_ok()
-            {
-                return Ok(());
-            }
-            let exited = self
-                .child
-                .as_mut()
-                .map(|c| c.try_wait())
-                .transpose()?
-                .flatten();
-            if exited.is_some() || Instant::now() > deadline {
-                self.child = None;
-                return Err(HarnessError::Startup(format!(
-                    "postgres did not start: {}",
-                    self.log_tail()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if wait_for_server(&mut child, READY_TIMEOUT, accepting).await? {
+            self.child = Some(child);
+            Ok(())
+        } else {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(HarnessError::Startup(format!(
+                "postgres did not start: {}",
+                self.log_tail()
+            )))
         }
     }
 

@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{HarnessError, free_port, on_path};
+use crate::{HarnessError, free_port, on_path, wait_for_server};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -51,7 +51,7 @@ impl RedisServer {
             return Ok(());
         }
         let log = self.dir.path().join("redis.log");
-        let child = Command::new(&self.binary)
+        let mut child = Command::new(&self.binary)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
@@ -63,31 +63,25 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        self.child = Some(child);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(mut connection) = self.connect().await
-                && redis::cmd("PING")
+        let answers_ping = || async {
+            match self.connect().await {
+                Ok(mut connection) => redis::cmd("PING")
                     .query_async::<String>(&mut connection)
                     .await
-                    .is_ok()
-            {
-                return Ok(());
+                    .is_ok(),
+                Err(_) => false,
             }
-            let exited = self
-                .child
-                .as_mut()
-                .map(|c| c.try_wait())
-                .transpose()?
-                .flatten();
-            if exited.is_some() || Instant::now() > deadline {
-                self.child = None;
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(HarnessError::Startup(format!(
-                    "redis-server did not start: {log}"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        if wait_for_server(&mut child, READY_TIMEOUT, answers_ping).await? {
+            self.child = Some(child);
+            Ok(())
+        } else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            Err(HarnessError::Startup(format!(
+                "redis-server did not start: {log}"
+            )))
         }
     }
 
