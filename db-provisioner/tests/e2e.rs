@@ -887,3 +887,30 @@ async fn ready_once_kubernetes_postgres_and_redis_have_answered() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn watch_namespace_limits_the_controller_to_one_namespace() {
+    let stack = Stack::start().await;
+    let _process = stack
+        .provisioner("pod-a", &[("WATCH_NAMESPACE", "chosen")])
+        .await;
+    stack
+        .annotate("ignored", &[("hearth.dev/postgres", Some("true"))])
+        .await;
+    stack
+        .annotate("chosen", &[("hearth.dev/postgres", Some("true"))])
+        .await;
+    secret_ready(&stack, "chosen").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(stack.secret("ignored").await.is_none());
+    let su = stack.superuser().await;
+    let ignored: i64 = su
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'ignored'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ignored, 0);
+}
