@@ -303,6 +303,7 @@ pub async fn reconcile(namespace: Arc<Namespace>, context: Arc<Context>) -> Resu
         return Ok(Action::requeue(NOT_LEADER_RETRY));
     }
     let name = namespace.name_any();
+    tracing::debug!(namespace = %name, "reconciling");
     let started = Instant::now();
     let result = reconcile_namespace(&namespace, &context).await;
     let metrics = &context.metrics;

@@ -107,14 +107,13 @@ impl LeaderElection {
             match self.try_acquire_or_renew(&mut observed).await {
                 Ok(true) => {
                     last_renewal = Some(Instant::now());
-                    if !*leader.borrow() {
+                    if set(&leader, true) {
                         tracing::info!(lease = %self.lease_name, holder = %self.holder, "became leader");
                     }
-                    leader.send_replace(true);
                 }
                 Ok(false) => {
                     // Someone else holds a live Lease: stop at once.
-                    if leader.send_replace(false) {
+                    if set(&leader, false) {
                         tracing::warn!(lease = %self.lease_name, "leadership lost to another holder");
                     }
                     last_renewal = None;
@@ -123,7 +122,7 @@ impl LeaderElection {
                     tracing::warn!(lease = %self.lease_name, error = %error, "lease update failed");
                     let overdue = last_renewal
                         .is_none_or(|renewed| renewed.elapsed() >= self.timing.renew_deadline);
-                    if overdue && leader.send_replace(false) {
+                    if overdue && set(&leader, false) {
                         tracing::warn!(lease = %self.lease_name, "leadership lost: could not renew in time");
                     }
                 }
@@ -133,7 +132,7 @@ impl LeaderElection {
                 () = tokio::time::sleep(self.timing.retry_period) => {}
             }
         }
-        if leader.send_replace(false) {
+        if set(&leader, false) {
             self.release().await;
         }
     }
@@ -245,6 +244,15 @@ impl LeaderElection {
             }
         }
     }
+}
+
+/// Sets leadership and tells receivers only when it actually changed: a renewal is no news.
+fn set(leader: &watch::Sender<bool>, value: bool) -> bool {
+    leader.send_if_modified(|current| {
+        let changed = *current != value;
+        *current = value;
+        changed
+    })
 }
 
 fn is_conflict(error: &kube::Error) -> bool {

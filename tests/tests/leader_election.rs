@@ -63,6 +63,11 @@ async fn exactly_one_of_two_replicas_leads_and_the_other_takes_over_on_release()
         .unwrap();
     let (second, second_stop, second_task) = candidate(&client, "pod-b");
 
+    // Renewals are no news: nobody watching leadership is woken by them.
+    let mut watching = first.clone();
+    let woken = tokio::time::timeout(Duration::from_millis(600), watching.changed()).await;
+    assert!(woken.is_err(), "woken by a renewal: {woken:?}");
+
     // Over many rounds the second never leads while the first renews.
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(100)).await;
