@@ -31,7 +31,6 @@ use crate::{Error, Options};
 /// Holds a namespace's deletion until its databases are dropped (deletion policy `drop`).
 pub const FINALIZER: &str = "hearth.dev/db-provisioner";
 const LEASE_NAME: &str = "hearth-db-provisioner";
-const NOT_LEADER_RETRY: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Events carry at most this much text (the API's limit is 1 KiB).
 const NOTE_LIMIT: usize = 1000;
@@ -44,7 +43,6 @@ pub struct Settings {
     pub redis_host: String,
     pub redis_port: u16,
     pub allowed_extensions: Vec<String>,
-    pub resync: Duration,
 }
 
 pub struct Context {
@@ -166,7 +164,6 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
             .map(|e| e.trim().to_owned())
             .filter(|e| !e.is_empty())
             .collect(),
-        resync: options.resync_interval,
     };
 
     let common = &options.common;
@@ -224,12 +221,19 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
             }
         }
     });
+    // Every namespace is checked again each resync interval, to repair drift.
+    let resync = options.resync_interval;
+    let every_resync = futures::stream::unfold((), move |()| async move {
+        tokio::time::sleep(resync).await;
+        Some(((), ()))
+    });
     let controller = Controller::new(namespaces, watch_config)
         .owns(secrets, ours)
         // Eight at a time: faster is bound by the disk (CREATE DATABASE copies a template),
         // and each reconcile in flight holds a database connection and its buffers.
         .with_config(ControllerConfig::default().concurrency(8))
         .reconcile_all_on(became_leader)
+        .reconcile_all_on(every_resync)
         .graceful_shutdown_on(token.cancelled_owned());
     let kubernetes_ready = process.readiness.gate("kubernetes");
     let store = controller.store();
@@ -300,7 +304,8 @@ where
 /// failure, a Warning Event.
 pub async fn reconcile(namespace: Arc<Namespace>, context: Arc<Context>) -> Result<Action, Error> {
     if !context.leadership.is_leader() {
-        return Ok(Action::requeue(NOT_LEADER_RETRY));
+        // Becoming leader reconciles every namespace; until then there is nothing to do.
+        return Ok(Action::await_change());
     }
     let name = namespace.name_any();
     tracing::debug!(namespace = %name, "reconciling");
@@ -310,10 +315,13 @@ pub async fn reconcile(namespace: Arc<Namespace>, context: Arc<Context>) -> Resu
     metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
-    match &result {
-        Ok(_) => {
+    match result {
+        Ok(()) => {
             metrics.reconciles.with_label_values(&["success"]).inc();
             context.succeeded(&name);
+            // The periodic re-check comes from one timer for all namespaces (see `start`), not
+            // from per-object requeues, which can pile up when events arrive mid-reconcile.
+            Ok(Action::await_change())
         }
         Err(error) => {
             metrics.reconciles.with_label_values(&["error"]).inc();
@@ -327,9 +335,9 @@ pub async fn reconcile(namespace: Arc<Namespace>, context: Arc<Context>) -> Resu
                     error.to_string(),
                 )
                 .await;
+            Err(error)
         }
     }
-    result
 }
 
 pub fn error_policy(namespace: Arc<Namespace>, error: &Error, context: Arc<Context>) -> Action {
@@ -340,7 +348,7 @@ pub fn error_policy(namespace: Arc<Namespace>, error: &Error, context: Arc<Conte
     }
 }
 
-async fn reconcile_namespace(namespace: &Namespace, context: &Context) -> Result<Action, Error> {
+async fn reconcile_namespace(namespace: &Namespace, context: &Context) -> Result<(), Error> {
     let name = namespace.name_any();
     let reading = desired::read(
         &name,
@@ -356,8 +364,17 @@ async fn reconcile_namespace(namespace: &Namespace, context: &Context) -> Result
     }
     let desired = reading.desired;
     if !desired.opted_in() {
-        opt_out(namespace, context).await?;
-        return Ok(Action::await_change());
+        // Only a namespace that carries traces of hearth (its write-back annotations or its
+        // finalizer) has anything to clean up; the rest cost no API call.
+        let traces = namespace
+            .annotations()
+            .contains_key(annotations::POSTGRES_DATABASE)
+            || namespace.annotations().contains_key(annotations::REDIS_DB)
+            || namespace.finalizers().iter().any(|f| f == FINALIZER);
+        if traces {
+            opt_out(namespace, context).await?;
+        }
+        return Ok(());
     }
     if !reading.refused_extensions.is_empty() {
         let note = format!(
@@ -483,7 +500,7 @@ async fn reconcile_namespace(namespace: &Namespace, context: &Context) -> Result
             .publish(namespace, EventType::Normal, reason, note)
             .await;
     }
-    Ok(Action::requeue(context.settings.resync))
+    Ok(())
 }
 
 fn describe(change: &PostgresChange, name: &PgName) -> String {
@@ -865,9 +882,9 @@ async fn finalize(
     namespace: &Namespace,
     desired: &Desired,
     context: &Context,
-) -> Result<Action, Error> {
+) -> Result<(), Error> {
     if !namespace.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(Action::await_change());
+        return Ok(());
     }
     let name = namespace.name_any();
     if desired.deletion_policy == DeletionPolicy::Drop {
@@ -912,7 +929,7 @@ async fn finalize(
         context.credentials.delete(&name).await?;
     }
     set_finalizer(namespace, context, false).await?;
-    Ok(Action::await_change())
+    Ok(())
 }
 
 async fn drop_redis(namespace: &Namespace, context: &Context) -> Result<(), Error> {
