@@ -1,7 +1,9 @@
 //! secret-bridge: Drop-in HTTPS replacement for the Bitwarden SDK server that External Secrets Operator talks to.
 //!
-//! Today the process runs the shared admin server and waits for shutdown; its reconcile work
-//! arrives with its own issue.
+//! So far: the Bitwarden crypto it will speak ([`crypto`]); the process itself still only runs
+//! the shared admin server. The bridge's API and upstream client arrive with its own issue.
+
+pub mod crypto;
 
 use clap::Parser;
 use hearth_runtime::{CommonOptions, Process};
