@@ -66,26 +66,16 @@ pub struct Options {
     pub redis_app_port: Option<u16>,
 
     /// How often every opted-in namespace is checked again, to repair drift (e.g. 5m, 30s).
-    #[arg(long, env = "RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "RESYNC_INTERVAL", default_value = "5m", value_parser = parse_resync)]
     pub resync_interval: Duration,
 }
 
-/// `90s`, `5m`, `1h`, or plain seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 30s, 5m or 1h"))?;
-    let seconds = match unit {
-        "" | "s" => number,
-        "m" => number * 60,
-        "h" => number * 3600,
-        _ => return Err(format!("{text:?} is not a duration such as 30s, 5m or 1h")),
-    };
-    Ok(Duration::from_secs(seconds.max(1)))
+/// The resync interval: a duration, and not zero (that would re-check without pause).
+fn parse_resync(text: &str) -> Result<Duration, String> {
+    match hearth_runtime::options::parse_duration(text)? {
+        Duration::ZERO => Err("RESYNC_INTERVAL must be longer than zero".to_owned()),
+        interval => Ok(interval),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,12 +162,10 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert!(parse_duration("5 minutes").is_err());
-        assert!(parse_duration("").is_err());
+    fn the_resync_interval_is_never_zero() {
+        assert_eq!(parse_resync("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_resync("0").is_err());
+        assert!(parse_resync("soon").is_err());
     }
 
     #[test]

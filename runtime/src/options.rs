@@ -43,6 +43,23 @@ pub struct CommonOptions {
     pub pod_namespace: String,
 }
 
+/// Parses a duration option: `90s`, `5m`, `1h`, or plain seconds; `0` is zero.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let invalid = || format!("{text:?} is not a duration such as 30s, 5m or 1h");
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "m" => number.checked_mul(60).ok_or_else(invalid)?,
+        "h" => number.checked_mul(3600).ok_or_else(invalid)?,
+        _ => return Err(invalid()),
+    };
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
 /// Outside a pod the host name stands in for the pod name, so two local runs still differ.
 fn default_pod_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -98,6 +115,18 @@ mod tests {
         assert_eq!(probe.common.log_format, LogFormat::Plain);
         assert_eq!(probe.common.watch_namespace.as_deref(), Some("paperless"));
         assert_eq!(probe.common.pod_name, "p-1");
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        for bad in ["5 minutes", "", "m", "-1s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,11 +1,24 @@
-//! secret-bridge: Drop-in HTTPS replacement for the Bitwarden SDK server that External Secrets Operator talks to.
+//! secret-bridge: a drop-in HTTPS replacement for the Bitwarden SDK server that External Secrets
+//! Operator's `bitwardensecretsmanager` provider talks to.
 //!
-//! So far: the Bitwarden crypto it will speak ([`crypto`]); the process itself still only runs
-//! the shared admin server. The bridge's API and upstream client arrive with its own issue.
+//! [`api`] speaks the SDK server's REST contract to ESO; [`bridge`] holds one session per access
+//! token and a short-lived data cache; [`upstream`] speaks Bitwarden's own protocol with the
+//! crypto in [`crypto`]; [`tls`] serves it.
 
+pub mod api;
+pub mod bridge;
 pub mod crypto;
+pub mod metrics;
+pub mod tls;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
+use hearth_runtime::options::parse_duration;
 use hearth_runtime::{CommonOptions, Process};
 
 pub const SERVICE: &str = "secret-bridge";
@@ -15,16 +28,131 @@ pub const SERVICE: &str = "secret-bridge";
 pub struct Options {
     #[command(flatten)]
     pub common: CommonOptions,
+
+    /// Where ESO reaches the bridge.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:9998")]
+    pub listen_addr: SocketAddr,
+
+    /// PEM certificate chain to serve (reloaded when the file changes).
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of that certificate.
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// More DNS names or IPs for a self-managed certificate, comma-separated.
+    #[arg(long, env = "TLS_EXTRA_SANS", value_delimiter = ',')]
+    pub tls_extra_sans: Vec<String>,
+
+    /// Serve plain HTTP (development only), as the SDK server's --insecure does.
+    #[arg(long, env = "INSECURE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub insecure: bool,
+
+    /// URL prefixes a request may name as its Bitwarden API or identity server.
+    #[arg(
+        long,
+        env = "ALLOWED_UPSTREAMS",
+        value_delimiter = ',',
+        default_value = "https://api.bitwarden.com,https://identity.bitwarden.com,https://api.bitwarden.eu,https://identity.bitwarden.eu"
+    )]
+    pub allowed_upstreams: Vec<String>,
+
+    /// PEM CA certificates to trust for a self-hosted Bitwarden, besides the system's.
+    #[arg(long, env = "UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+
+    /// How long read data is served from memory (e.g. 30s); 0 turns the cache off.
+    #[arg(long, env = "CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub cache_ttl: Duration,
+
+    /// The most one call to Bitwarden may take; keeps every answer inside ESO's 10 s.
+    #[arg(long, env = "UPSTREAM_TIMEOUT", default_value = "4s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Runtime(#[from] hearth_runtime::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 pub async fn run(options: Options) -> Result<(), Error> {
     let process = Process::start(SERVICE, env!("CARGO_PKG_VERSION"), &options.common).await?;
+    let metrics = metrics::Metrics::register(&process.registry)?;
+    let upstream = upstream::Upstream::new(
+        options.upstream_ca_file.as_deref(),
+        options.upstream_timeout,
+    )?;
+    let state = Arc::new(api::ApiState {
+        bridge: bridge::Bridge::new(upstream, options.cache_ttl, metrics.clone()),
+        allowed_upstreams: options
+            .allowed_upstreams
+            .iter()
+            .map(|prefix| prefix.trim().to_owned())
+            .filter(|prefix| !prefix.is_empty())
+            .collect(),
+        metrics,
+    });
+    let tls = match (
+        &options.tls_cert_file,
+        &options.tls_key_file,
+        options.insecure,
+    ) {
+        (_, _, true) => {
+            tracing::warn!(
+                "INSECURE=true: serving plain HTTP; access tokens cross the network in clear"
+            );
+            None
+        }
+        (Some(cert), Some(key), false) => {
+            let certificate = tls::CurrentCertificate::new(tls::load_certified_key(cert, key)?);
+            let reload = tls::reload_on_change(
+                Arc::clone(&certificate),
+                cert.clone(),
+                key.clone(),
+                process.shutdown.token(),
+            );
+            process.shutdown.spawn("certificate-reload", async move {
+                reload.await;
+                Ok(())
+            });
+            Some(tls::acceptor(certificate)?)
+        }
+        _ => {
+            return Err(Error::Config(
+                "no certificate: set TLS_CERT_FILE and TLS_KEY_FILE, or INSECURE=true for plain \
+                 HTTP (a self-managed certificate is not available yet)"
+                    .into(),
+            ));
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(options.listen_addr)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: options.listen_addr,
+            source,
+        })?;
+    tracing::info!(listen = %options.listen_addr, tls = tls.is_some(), "serving the Bitwarden SDK API");
+    let router = api::router(state);
+    let token = process.shutdown.token();
+    process.shutdown.spawn("api-server", async move {
+        tls::serve(listener, tls, router, token).await.map_err(|e| {
+            hearth_runtime::Error::TaskFailed {
+                task: "api-server",
+                reason: e.to_string(),
+            }
+        })
+    });
     process.run_until_shutdown().await?;
     Ok(())
 }

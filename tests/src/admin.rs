@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tempfile::NamedTempFile;
@@ -21,15 +21,37 @@ pub struct HttpReply {
 
 /// One HTTP/1.1 GET over a fresh connection.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<HttpReply, HarnessError> {
-    let failed = |e: &dyn std::fmt::Display| HarnessError::Startup(format!("GET {path}: {e}"));
     let stream = tokio::net::TcpStream::connect(addr).await?;
+    http_request(stream, &addr.to_string(), "GET", path, &[], Vec::new()).await
+}
+
+/// One HTTP/1.1 request over `stream` (plain TCP or TLS), with exactly the headers given plus
+/// `Host` — no Content-Type unless asked for, as ESO sends its bodies.
+pub async fn http_request<S>(
+    stream: S,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<HttpReply, HarnessError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let failed = |e: &dyn std::fmt::Display| HarnessError::Startup(format!("{method} {path}: {e}"));
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| failed(&e))?;
     tokio::spawn(connection);
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, host);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body)))
         .map_err(|e| failed(&e))?;
     let response = sender.send_request(request).await.map_err(|e| failed(&e))?;
     let status = response.status().as_u16();

@@ -4,12 +4,14 @@
 
 pub mod admin;
 pub mod fake_api;
+pub mod fake_bitwarden;
 pub mod postgres;
 pub mod redis;
 
 use std::net::TcpListener;
 
 pub use fake_api::FakeApiServer;
+pub use fake_bitwarden::FakeBitwarden;
 pub use postgres::PostgresServer;
 pub use redis::RedisServer;
 
