@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod bridge;
+pub mod certs;
 pub mod crypto;
 pub mod metrics;
 pub mod tls;
@@ -129,11 +130,21 @@ pub async fn run(options: Options) -> Result<(), Error> {
             Some(tls::acceptor(certificate)?)
         }
         _ => {
-            return Err(Error::Config(
-                "no certificate: set TLS_CERT_FILE and TLS_KEY_FILE, or INSECURE=true for plain \
-                 HTTP (a self-managed certificate is not available yet)"
-                    .into(),
-            ));
+            // No files: a CA and certificate of our own, kept in a Secret in our namespace.
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| Error::Config(format!("Kubernetes API, connect: {e}")))?;
+            let namespace = &options.common.pod_namespace;
+            let names = certs::subject_alt_names(namespace, &options.tls_extra_sans);
+            let managed = certs::SelfManaged::new(client, namespace, names);
+            let (certificate, serving) = managed.start().await?;
+            let renewals =
+                managed.keep_fresh(Arc::clone(&certificate), serving, process.shutdown.token());
+            process.shutdown.spawn("certificate-renewal", async move {
+                renewals.await;
+                Ok(())
+            });
+            Some(tls::acceptor(certificate)?)
         }
     };
     let listener = tokio::net::TcpListener::bind(options.listen_addr)

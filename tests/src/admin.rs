@@ -13,6 +13,7 @@ use tempfile::NamedTempFile;
 
 use crate::{HarnessError, free_port, on_path};
 
+#[derive(Debug)]
 pub struct HttpReply {
     pub status: u16,
     pub content_type: String,

@@ -1,0 +1,226 @@
+//! TLS as ESO meets it: a client that trusts only the CA secret-bridge publishes and checks the
+//! host name, HTTP/1.1, TLS ≥ 1.2 — with the self-managed certificate and with files.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_tests::admin::{HttpReply, ServiceProcess, http_request};
+use hearth_tests::{FakeApiServer, FakeBitwarden, free_port};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use kube::Api;
+use kube::api::PostParams;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+const SERVICE_NAME: &str = "secret-bridge.hearth-system.svc.cluster.local";
+
+/// ESO's client: the given CA only, hostname verified, HTTP/1.1.
+async fn eso_request(
+    addr: SocketAddr,
+    ca_pem: &str,
+    server_name: &str,
+    fake: &FakeBitwarden,
+    token: &str,
+    id: &str,
+) -> Result<HttpReply, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(server_name.to_owned()).unwrap();
+    let stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let identity = fake.identity_url();
+    let api = fake.api_url();
+    let headers = [
+        ("Warden-Access-Token", token),
+        ("Warden-Api-Url", api.as_str()),
+        ("Warden-Identity-Url", identity.as_str()),
+    ];
+    let body = format!(r#"{{"id":"{id}"}}"#).into_bytes();
+    http_request(
+        stream,
+        server_name,
+        "GET",
+        "/rest/api/1/secret",
+        &headers,
+        body,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+async fn start_bridge(fake: &FakeBitwarden, env: &[(&str, &str)]) -> (ServiceProcess, SocketAddr) {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port().unwrap()).into();
+    let listen = addr.to_string();
+    let allowed = fake.api_url().replace("/api", "");
+    let mut all = vec![
+        ("LISTEN_ADDR", listen.as_str()),
+        ("ALLOWED_UPSTREAMS", allowed.as_str()),
+    ];
+    all.extend_from_slice(env);
+    let process = ServiceProcess::start(Path::new(env!("CARGO_BIN_EXE_secret-bridge")), &all)
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (process, addr)
+}
+
+#[tokio::test]
+async fn the_self_managed_ca_is_published_and_shared_by_every_replica() {
+    let api = FakeApiServer::start().await.unwrap();
+    let client = api.client().unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "hearth-system"}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let kubeconfig = kubeconfig.display().to_string();
+    let fake = FakeBitwarden::start().await.unwrap();
+    let env = [
+        ("KUBECONFIG", kubeconfig.as_str()),
+        ("POD_NAMESPACE", "hearth-system"),
+        ("TLS_EXTRA_SANS", "bridge.home.arpa"),
+    ];
+    let (_first, first_addr) = start_bridge(&fake, &env).await;
+
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "hearth-system");
+    let ca = maps.get("secret-bridge-ca").await.unwrap().data.unwrap()["ca.crt"].clone();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "hearth-system");
+    let issued = secrets.get("secret-bridge-tls").await.unwrap();
+    assert_eq!(issued.type_.as_deref(), Some("kubernetes.io/tls"));
+
+    let token = fake.add_token();
+    let id = fake.add_secret("k", "over-tls", "", None);
+    for name in [
+        SERVICE_NAME,
+        "bitwarden-sdk-server.hearth-system.svc",
+        "bridge.home.arpa",
+    ] {
+        let reply = eso_request(first_addr, &ca, name, &fake, &token, &id)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(reply.body.contains("over-tls"));
+    }
+    // A name the certificate does not carry is refused by the client, as Go's would be.
+    let refused = eso_request(first_addr, &ca, "elsewhere.example", &fake, &token, &id).await;
+    assert!(
+        refused.unwrap_err().contains("certificate"),
+        "hostname must be checked"
+    );
+    // Another CA is not trusted.
+    let other_ca = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem();
+    assert!(
+        eso_request(first_addr, &other_ca, SERVICE_NAME, &fake, &token, &id)
+            .await
+            .is_err()
+    );
+
+    // A second replica serves the same certificate: the Secret is not rewritten.
+    let (_second, second_addr) = start_bridge(&fake, &env).await;
+    let reply = eso_request(second_addr, &ca, SERVICE_NAME, &fake, &token, &id)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    let after = secrets.get("secret-bridge-tls").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version,
+        issued.metadata.resource_version
+    );
+}
+
+fn issue(ca_name: &str, dir: &Path) -> String {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![SERVICE_NAME.to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("tls.crt"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), leaf_key.serialize_pem()).unwrap();
+    ca_cert.pem()
+}
+
+#[tokio::test]
+async fn certificate_files_are_served_and_reloaded_when_they_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let first_ca = issue("first CA", dir.path());
+    let fake = FakeBitwarden::start().await.unwrap();
+    let cert = dir.path().join("tls.crt").display().to_string();
+    let key = dir.path().join("tls.key").display().to_string();
+    let (_process, addr) = start_bridge(
+        &fake,
+        &[
+            ("TLS_CERT_FILE", cert.as_str()),
+            ("TLS_KEY_FILE", key.as_str()),
+        ],
+    )
+    .await;
+    let token = fake.add_token();
+    let id = fake.add_secret("k", "v", "", None);
+    assert_eq!(
+        eso_request(addr, &first_ca, SERVICE_NAME, &fake, &token, &id)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    // The mounted Secret is rotated: the new certificate is served without a restart.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second_ca = issue("second CA", dir.path());
+    let mut served = false;
+    for _ in 0..50 {
+        if eso_request(addr, &second_ca, SERVICE_NAME, &fake, &token, &id)
+            .await
+            .is_ok()
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(served, "the renewed certificate was never served");
+    assert!(
+        eso_request(addr, &first_ca, SERVICE_NAME, &fake, &token, &id)
+            .await
+            .is_err()
+    );
+}
