@@ -82,7 +82,7 @@ async fn count_requests(
 }
 
 /// An error as the SDK server writes one: `http.Error`'s text body and headers.
-struct Failure {
+pub struct Failure {
     status: StatusCode,
     message: String,
 }
@@ -188,10 +188,10 @@ fn bridge_failure(prefix: &str, error: &BridgeError) -> Failure {
 
 /// A JSON object read the way Go's `encoding/json` reads into a struct: keys matched without
 /// regard to case, unknown keys ignored, absent or null fields empty.
-struct Body(Map<String, Value>);
+pub struct Body(Map<String, Value>);
 
 impl Body {
-    fn parse(bytes: &Bytes, status: StatusCode) -> Result<Self, Failure> {
+    pub fn parse(bytes: &Bytes, status: StatusCode) -> Result<Self, Failure> {
         match serde_json::from_slice::<Value>(bytes) {
             Ok(Value::Object(map)) => Ok(Self(map)),
             Ok(other) => Err(failure(
@@ -212,7 +212,7 @@ impl Body {
             .map(|(_, value)| value)
     }
 
-    fn text(&self, name: &str, status: StatusCode) -> Result<String, Failure> {
+    pub fn text(&self, name: &str, status: StatusCode) -> Result<String, Failure> {
         match self.get(name) {
             None | Some(Value::Null) => Ok(String::new()),
             Some(Value::String(text)) => Ok(text.clone()),
@@ -226,7 +226,7 @@ impl Body {
         }
     }
 
-    fn list(&self, name: &str, status: StatusCode) -> Result<Vec<String>, Failure> {
+    pub fn list(&self, name: &str, status: StatusCode) -> Result<Vec<String>, Failure> {
         match self.get(name) {
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(Value::Array(items)) => items

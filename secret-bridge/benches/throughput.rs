@@ -1,0 +1,261 @@
+//! secret-bridge's benchmark: `cargo bench -p secret-bridge`.
+//!
+//! The release binary serves ESO-shaped `GET /rest/api/1/secret` requests over TLS keep-alive
+//! from a warm cache, against the fake Bitwarden. Measured in the same run, beside each figure:
+//! - requests/s and p50/p99 latency, against the fake Bitwarden answering the same GET itself
+//!   (plain HTTP, no crypto) as the baseline;
+//! - Bitwarden calls for 1,000 ESO requests across 50 secrets, against the SDK server's
+//!   documented one login per request;
+//! - resident memory idle, after 100,000 requests, and after 100,000 more.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hearth_tests::admin::ServiceProcess;
+use hearth_tests::{FakeBitwarden, free_port};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+const CONNECTIONS: usize = 16;
+const REQUESTS: usize = 100_000;
+const SECRETS: usize = 50;
+
+struct Target {
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsConnector>,
+    path: &'static str,
+    headers: Vec<(String, String)>,
+    /// The JSON key ESO puts the id in: `id`, or `organizationID` for a list.
+    body_key: &'static str,
+    expect: u16,
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for S {}
+
+/// Sends `total` requests over up to `CONNECTIONS` keep-alive connections; returns each latency.
+async fn load(
+    target: Arc<Target>,
+    ids: Arc<Vec<String>>,
+    total: usize,
+) -> (Duration, Vec<Duration>) {
+    let connections = CONNECTIONS.min(total);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|connection| {
+            let target = Arc::clone(&target);
+            let ids = Arc::clone(&ids);
+            tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(target.addr).await.unwrap();
+                tcp.set_nodelay(true).unwrap();
+                let stream: Box<dyn Stream> = match &target.tls {
+                    Some(connector) => {
+                        let name = ServerName::try_from("secret-bridge.hearth-system.svc").unwrap();
+                        Box::new(connector.connect(name, tcp).await.unwrap())
+                    }
+                    None => Box::new(tcp),
+                };
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                let mut latencies = Vec::with_capacity(total / connections);
+                for i in 0..total / connections {
+                    let id = &ids[(connection * 7 + i) % ids.len()];
+                    let mut request = hyper::Request::get(target.path.replace("{id}", id))
+                        .header("host", "secret-bridge.hearth-system.svc");
+                    for (name, value) in &target.headers {
+                        request = request.header(name.as_str(), value.as_str());
+                    }
+                    let body = Bytes::from(format!(r#"{{"{}":"{id}"}}"#, target.body_key));
+                    let request = request.body(Full::new(body)).unwrap();
+                    let sent = Instant::now();
+                    sender.ready().await.unwrap();
+                    let response = sender.send_request(request).await.unwrap();
+                    assert_eq!(response.status().as_u16(), target.expect);
+                    response.into_body().collect().await.unwrap();
+                    latencies.push(sent.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    (started.elapsed(), latencies)
+}
+
+fn summary(elapsed: Duration, mut latencies: Vec<Duration>) -> (f64, f64, f64) {
+    latencies.sort();
+    let at =
+        |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize].as_secs_f64() * 1000.0;
+    (
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        at(0.5),
+        at(0.99),
+    )
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let fake = FakeBitwarden::start().await.unwrap();
+    let ids: Arc<Vec<String>> = Arc::new(
+        (0..SECRETS)
+            .map(|i| fake.add_secret(&format!("key-{i}"), &format!("value-{i}"), "", Some("p")))
+            .collect(),
+    );
+    let token = fake.add_token();
+
+    // Certificate files for the bridge, and a client that trusts only their CA.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["secret-bridge.hearth-system.svc".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    std::fs::write(dir.path().join("tls.crt"), leaf.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), leaf_key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port().unwrap()).into();
+    let listen = addr.to_string();
+    let cert = dir.path().join("tls.crt").display().to_string();
+    let key = dir.path().join("tls.key").display().to_string();
+    let allowed = fake.api_url().replace("/api", "");
+    let process = ServiceProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_secret-bridge")),
+        &[
+            ("LISTEN_ADDR", listen.as_str()),
+            ("TLS_CERT_FILE", cert.as_str()),
+            ("TLS_KEY_FILE", key.as_str()),
+            ("ALLOWED_UPSTREAMS", allowed.as_str()),
+            ("CACHE_TTL", "1h"),
+            ("RUST_LOG", "warn"),
+        ],
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle = metric(
+        &process.get("/metrics").await.unwrap().body,
+        "process_resident_memory_bytes",
+    );
+
+    let headers = vec![
+        ("Warden-Access-Token".to_owned(), token.clone()),
+        ("Warden-Api-Url".to_owned(), fake.api_url()),
+        ("Warden-Identity-Url".to_owned(), fake.identity_url()),
+    ];
+    let bridge = Arc::new(Target {
+        addr,
+        tls: Some(tokio_rustls::TlsConnector::from(Arc::new(client))),
+        path: "/rest/api/1/secret",
+        headers,
+        body_key: "id",
+        expect: 200,
+    });
+
+    // 1,000 ESO requests across 50 secrets in one cache window, shaped as ESO sends them for
+    // `dataFrom.find`: a list, then GETs.
+    let list = Arc::new(Target {
+        addr,
+        tls: bridge.tls.clone(),
+        path: "/rest/api/1/secrets",
+        headers: bridge.headers.clone(),
+        body_key: "organizationID",
+        expect: 200,
+    });
+    load(list, Arc::new(vec![fake.organization()]), 1).await;
+    load(
+        Arc::clone(&bridge),
+        Arc::clone(&ids),
+        999 - 999 % CONNECTIONS,
+    )
+    .await;
+    let logins = fake.calls("login");
+    let data_calls = fake.data_calls();
+
+    let (elapsed, latencies) = load(Arc::clone(&bridge), Arc::clone(&ids), REQUESTS).await;
+    let (rps, p50, p99) = summary(elapsed, latencies);
+    let after = metric(
+        &process.get("/metrics").await.unwrap().body,
+        "process_resident_memory_bytes",
+    );
+    load(Arc::clone(&bridge), Arc::clone(&ids), REQUESTS).await;
+    let after_more = metric(
+        &process.get("/metrics").await.unwrap().body,
+        "process_resident_memory_bytes",
+    );
+
+    // Baseline: an axum server on this machine answering small JSON over plain HTTP, with no
+    // TLS, no crypto and no cache (the fake Bitwarden's not-found answer).
+    let baseline_target = Arc::new(Target {
+        addr: fake
+            .api_url()
+            .trim_start_matches("http://")
+            .trim_end_matches("/api")
+            .parse()
+            .unwrap(),
+        tls: None,
+        path: "/nowhere/{id}",
+        headers: Vec::new(),
+        body_key: "id",
+        expect: 404,
+    });
+    let (baseline_elapsed, baseline_latencies) =
+        load(baseline_target, Arc::clone(&ids), REQUESTS).await;
+    let (baseline_rps, baseline_p50, baseline_p99) = summary(baseline_elapsed, baseline_latencies);
+
+    let mib = |bytes: f64| bytes / 1024.0 / 1024.0;
+    println!(
+        "secret-bridge benchmark (release build, {CONNECTIONS} keep-alive connections, {REQUESTS} requests)"
+    );
+    println!(
+        "  ESO GET /secret over TLS, warm cache: {rps:.0} requests/s, p50 {p50:.2} ms, p99 {p99:.2} ms \
+         (goal >= 10,000/s, p99 <= 5 ms); baseline plain-HTTP axum JSON {baseline_rps:.0}/s, \
+         p50 {baseline_p50:.2} ms, p99 {baseline_p99:.2} ms; ratio {:.2}x",
+        rps / baseline_rps
+    );
+    println!(
+        "  Bitwarden calls for 1,000 ESO requests across {SECRETS} secrets: {logins} login(s), \
+         {data_calls} data call(s) (goal 1 and <= 2); the SDK server before v0.8: 1,000 logins"
+    );
+    println!(
+        "  resident memory: idle {:.1} MiB, after {REQUESTS} requests {:.1} MiB, after {} {:.1} MiB \
+         (goal <= 20 MiB, no growth)",
+        mib(idle),
+        mib(after),
+        2 * REQUESTS,
+        mib(after_more)
+    );
+}
