@@ -22,6 +22,8 @@ pub const DEFAULT_API_URL: &str = "https://api.bitwarden.com";
 pub const DEFAULT_IDENTITY_URL: &str = "https://identity.bitwarden.com";
 /// ESO's bodies are a few hundred bytes; anything near this is not ESO.
 const MAX_BODY: usize = 256 * 1024;
+/// Every answer goes out within this, whatever Bitwarden does: ESO gives up after 10 s.
+const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(8);
 
 pub struct ApiState {
     pub bridge: Bridge,
@@ -71,7 +73,17 @@ async fn count_requests(
             _ => "other",
         });
     let method = request.method().as_str().to_owned();
-    let response = next.run(request).await;
+    let response = match tokio::time::timeout(REQUEST_DEADLINE, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => failure(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "Bitwarden did not answer within {}s",
+                REQUEST_DEADLINE.as_secs()
+            ),
+        )
+        .into_response(),
+    };
     let route = format!("{method} {route}");
     state
         .metrics

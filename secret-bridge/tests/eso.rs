@@ -1,5 +1,6 @@
-//! secret-bridge as ESO sees it: the real binary, the exact requests ESO v2.9 sends, and a fake
-//! Bitwarden with real crypto that counts every call.
+//! secret-bridge as ESO sees it: the real binary serving its self-managed certificate, a client
+//! that trusts only the CA it publishes and checks the host name, the exact requests ESO v2.9
+//! sends, and a fake Bitwarden with real crypto that counts every call.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -5,20 +5,18 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_tests::admin::{HttpReply, ServiceProcess, http_request};
+use hearth_tests::admin::{HttpReply, ServiceProcess, http_request, tls_client_trusting};
 use hearth_tests::{FakeApiServer, FakeBitwarden, free_port};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::Api;
 use kube::api::PostParams;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 
 const SERVICE_NAME: &str = "secret-bridge.hearth-system.svc.cluster.local";
 
-/// ESO's client: the given CA only, hostname verified, HTTP/1.1.
+/// A GET as ESO sends it, through a client that trusts only `ca_pem` and checks `server_name`.
 async fn eso_request(
     addr: SocketAddr,
     ca_pem: &str,
@@ -27,18 +25,7 @@ async fn eso_request(
     token: &str,
     id: &str,
 ) -> Result<HttpReply, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tls_client_trusting(ca_pem).map_err(|e| e.to_string())?;
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from(server_name.to_owned()).unwrap();
     let stream = connector
