@@ -211,3 +211,82 @@ async fn certificate_files_are_served_and_reloaded_when_they_change() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn a_self_hosted_bitwarden_is_trusted_through_upstream_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let (cert_path, key_path, ca_path) = (
+        dir.path().join("bw.crt"),
+        dir.path().join("bw.key"),
+        dir.path().join("ca.crt"),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let fake = FakeBitwarden::start_tls(&cert_path, &key_path)
+        .await
+        .unwrap();
+    let token = fake.add_token();
+    let id = fake.add_secret("k", "self-hosted", "", None);
+    let ca_file = ca_path.display().to_string();
+    let identity = fake.identity_url();
+    let api = fake.api_url();
+    let headers = [
+        ("Warden-Access-Token", token.as_str()),
+        ("Warden-Api-Url", api.as_str()),
+        ("Warden-Identity-Url", identity.as_str()),
+    ];
+    let body = || format!(r#"{{"id":"{id}"}}"#).into_bytes();
+
+    // Trusted through UPSTREAM_CA_FILE.
+    let (_trusting, addr) = start_bridge(
+        &fake,
+        &[("INSECURE", "true"), ("UPSTREAM_CA_FILE", ca_file.as_str())],
+    )
+    .await;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let reply = http_request(
+        stream,
+        "bridge",
+        "GET",
+        "/rest/api/1/secret",
+        &headers,
+        body(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.body.contains("self-hosted"));
+
+    // Without it the self-signed chain is refused and nothing is logged in.
+    let logins = fake.calls("login");
+    let (_plain, addr) = start_bridge(&fake, &[("INSECURE", "true")]).await;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let reply = http_request(
+        stream,
+        "bridge",
+        "GET",
+        "/rest/api/1/secret",
+        &headers,
+        body(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 400);
+    assert!(
+        reply.body.contains("could not be reached"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(fake.calls("login"), logins);
+}

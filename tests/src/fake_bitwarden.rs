@@ -105,12 +105,32 @@ fn hex(bytes: &[u8]) -> String {
 
 pub struct FakeBitwarden {
     addr: SocketAddr,
+    scheme: &'static str,
     state: Arc<Mutex<FakeState>>,
     shutdown: CancellationToken,
 }
 
 impl FakeBitwarden {
+    /// Serves plain HTTP.
     pub async fn start() -> Result<Self, HarnessError> {
+        Self::start_serving(None).await
+    }
+
+    /// Serves HTTPS with the given PEM certificate and key, as a self-hosted Bitwarden with its
+    /// own CA would.
+    pub async fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<Self, HarnessError> {
+        let loaded = secret_bridge::tls::load_certified_key(cert, key)
+            .map_err(|e| HarnessError::Startup(e.to_string()))?;
+        let acceptor =
+            secret_bridge::tls::acceptor(secret_bridge::tls::CurrentCertificate::new(loaded))
+                .map_err(|e| HarnessError::Startup(e.to_string()))?;
+        Self::start_serving(Some(acceptor)).await
+    }
+
+    async fn start_serving(tls: Option<tokio_rustls::TlsAcceptor>) -> Result<Self, HarnessError> {
         let mut org_key = vec![0_u8; 64];
         getrandom::fill(&mut org_key).map_err(|e| HarnessError::Startup(e.to_string()))?;
         let mut state = FakeState {
@@ -125,14 +145,16 @@ impl FakeBitwarden {
         let router = Router::new()
             .fallback(handle)
             .with_state(Arc::clone(&state));
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-        });
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tokio::spawn(secret_bridge::tls::serve(
+            listener,
+            tls,
+            router,
+            shutdown.clone(),
+        ));
         Ok(Self {
             addr,
+            scheme,
             state,
             shutdown,
         })
@@ -143,11 +165,11 @@ impl FakeBitwarden {
     }
 
     pub fn identity_url(&self) -> String {
-        format!("http://{}/identity", self.addr)
+        format!("{}://{}/identity", self.scheme, self.addr)
     }
 
     pub fn api_url(&self) -> String {
-        format!("http://{}/api", self.addr)
+        format!("{}://{}/api", self.scheme, self.addr)
     }
 
     pub fn organization(&self) -> String {
