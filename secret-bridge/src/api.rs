@@ -276,9 +276,23 @@ fn kind_of(value: &Value) -> &'static str {
     }
 }
 
-/// A handler's outcome as a response.
-fn respond(result: Result<Response, Failure>) -> Response {
-    result.unwrap_or_else(IntoResponse::into_response)
+/// Serves one API call: the caller first (token, allow-list, login), then `handle`, whose
+/// Bitwarden failure becomes a 400 starting with `failed`.
+async fn answer<T: Serialize>(
+    state: &ApiState,
+    headers: &HeaderMap,
+    failed: &str,
+    handle: impl AsyncFnOnce(&Caller) -> Result<Result<T, BridgeError>, Failure>,
+) -> Response {
+    let outcome = async {
+        let caller = caller(state, headers).await?;
+        match handle(&caller).await? {
+            Ok(value) => Ok(success(&value)),
+            Err(error) => Err(bridge_failure(failed, &error)),
+        }
+    }
+    .await;
+    outcome.unwrap_or_else(IntoResponse::into_response)
 }
 
 // The SDK server answers a bad body on its GET routes with 500 and on the others with 400.
@@ -290,38 +304,30 @@ async fn get_secret(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    respond(
-        async {
-            let caller = caller(&state, &headers).await?;
-            let id = Body::parse(&body, GET_BODY_ERROR)?.text("id", GET_BODY_ERROR)?;
-            match state.bridge.get(&caller, &id).await {
-                Ok(secret) => Ok(success(&secret)),
-                Err(error) => Err(bridge_failure("failed to get secret: ", &error)),
-            }
-        }
-        .await,
-    )
+    answer(&state, &headers, "failed to get secret: ", async |caller| {
+        let id = Body::parse(&body, GET_BODY_ERROR)?.text("id", GET_BODY_ERROR)?;
+        Ok(state.bridge.get(caller, &id).await)
+    })
+    .await
 }
 
+// The SDK server's wording for a failed list is its wording for a failed get; kept as ESO
+// users know it. ESO sends "organizationID", which Go matched to organizationId.
 async fn list_secrets(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    respond(
-        async {
-            let caller = caller(&state, &headers).await?;
-            // ESO sends "organizationID"; Go matched it to organizationId regardless of case.
-            let organization =
-                Body::parse(&body, GET_BODY_ERROR)?.text("organizationId", GET_BODY_ERROR)?;
-            match state.bridge.list(&caller, &organization).await {
-                Ok(list) => Ok(success(&Data { data: list })),
-                // The SDK server's wording for a failed list, kept as ESO users know it.
-                Err(error) => Err(bridge_failure("failed to get secret: ", &error)),
-            }
-        }
-        .await,
-    )
+    answer(&state, &headers, "failed to get secret: ", async |caller| {
+        let organization =
+            Body::parse(&body, GET_BODY_ERROR)?.text("organizationId", GET_BODY_ERROR)?;
+        Ok(state
+            .bridge
+            .list(caller, &organization)
+            .await
+            .map(|data| Data { data }))
+    })
+    .await
 }
 
 async fn get_secrets_by_ids(
@@ -329,17 +335,20 @@ async fn get_secrets_by_ids(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    respond(
-        async {
-            let caller = caller(&state, &headers).await?;
+    answer(
+        &state,
+        &headers,
+        "failed to get secrets: ",
+        async |caller| {
             let ids = Body::parse(&body, GET_BODY_ERROR)?.list("ids", GET_BODY_ERROR)?;
-            match state.bridge.get_by_ids(&caller, &ids).await {
-                Ok(secrets) => Ok(success(&Data { data: secrets })),
-                Err(error) => Err(bridge_failure("failed to get secrets: ", &error)),
-            }
-        }
-        .await,
+            Ok(state
+                .bridge
+                .get_by_ids(caller, &ids)
+                .await
+                .map(|data| Data { data }))
+        },
     )
+    .await
 }
 
 async fn delete_secrets(
@@ -347,17 +356,15 @@ async fn delete_secrets(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    respond(
-        async {
-            let caller = caller(&state, &headers).await?;
-            let ids = Body::parse(&body, WRITE_BODY_ERROR)?.list("ids", WRITE_BODY_ERROR)?;
-            match state.bridge.delete(&caller, &ids).await {
-                Ok(results) => Ok(success(&Data { data: results })),
-                Err(error) => Err(bridge_failure("", &error)),
-            }
-        }
-        .await,
-    )
+    answer(&state, &headers, "", async |caller| {
+        let ids = Body::parse(&body, WRITE_BODY_ERROR)?.list("ids", WRITE_BODY_ERROR)?;
+        Ok(state
+            .bridge
+            .delete(caller, &ids)
+            .await
+            .map(|data| Data { data }))
+    })
+    .await
 }
 
 struct WriteRequest {
@@ -397,21 +404,19 @@ async fn create_secret(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    respond(
-        async {
-            let caller = caller(&state, &headers).await?;
+    answer(
+        &state,
+        &headers,
+        "failed to create secret: ",
+        async |caller| {
             let request = write_request(&body)?;
-            match state
+            Ok(state
                 .bridge
-                .create(&caller, &request.organization, &request.write())
-                .await
-            {
-                Ok(secret) => Ok(success(&secret)),
-                Err(error) => Err(bridge_failure("failed to create secret: ", &error)),
-            }
-        }
-        .await,
+                .create(caller, &request.organization, &request.write())
+                .await)
+        },
     )
+    .await
 }
 
 async fn update_secret(
@@ -419,19 +424,17 @@ async fn update_secret(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    respond(
-        async {
-            let caller = caller(&state, &headers).await?;
+    answer(
+        &state,
+        &headers,
+        "failed to update secret: ",
+        async |caller| {
             let request = write_request(&body)?;
-            match state
+            Ok(state
                 .bridge
-                .update(&caller, &request.id, &request.write())
-                .await
-            {
-                Ok(secret) => Ok(success(&secret)),
-                Err(error) => Err(bridge_failure("failed to update secret: ", &error)),
-            }
-        }
-        .await,
+                .update(caller, &request.id, &request.write())
+                .await)
+        },
     )
+    .await
 }
