@@ -40,8 +40,6 @@ pub enum Error {
     DrainTimedOut(Duration),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("{task} failed: {reason}")]
-    TaskFailed { task: &'static str, reason: String },
 }
 
 /// A running service process: logging set up, the admin server listening, signals handled.

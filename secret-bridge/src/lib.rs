@@ -157,12 +157,8 @@ pub async fn run(options: Options) -> Result<(), Error> {
     let router = api::router(state);
     let token = process.shutdown.token();
     process.shutdown.spawn("api-server", async move {
-        tls::serve(listener, tls, router, token).await.map_err(|e| {
-            hearth_runtime::Error::TaskFailed {
-                task: "api-server",
-                reason: e.to_string(),
-            }
-        })
+        tls::serve(listener, tls, router, token).await;
+        Ok(())
     });
     process.run_until_shutdown().await?;
     Ok(())

@@ -124,7 +124,7 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     router: Router,
     shutdown: CancellationToken,
-) -> Result<(), Error> {
+) {
     let graceful = GracefulShutdown::new();
     let http = hyper::server::conn::http1::Builder::new();
     loop {
@@ -169,5 +169,4 @@ pub async fn serve(
     {
         tracing::warn!("connections still open after the drain; closing them");
     }
-    Ok(())
 }
