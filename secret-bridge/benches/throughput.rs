@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hearth_tests::admin::ServiceProcess;
+use hearth_tests::tls::{TestCa, client_trusting};
 use hearth_tests::{FakeBitwarden, free_port};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 
 const CONNECTIONS: usize = 16;
 const REQUESTS: usize = 100_000;
@@ -124,33 +124,15 @@ async fn main() {
 
     // Certificate files for the bridge, and a client that trusts only their CA.
     let dir = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["secret-bridge.hearth-system.svc".to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
+    let ca = TestCa::new("benchmark CA").unwrap();
+    let (cert, key) = ca
+        .issue_files(&["secret-bridge.hearth-system.svc"], dir.path(), "tls")
         .unwrap();
-    std::fs::write(dir.path().join("tls.crt"), leaf.pem()).unwrap();
-    std::fs::write(dir.path().join("tls.key"), leaf_key.serialize_pem()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap())
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let client = client_trusting(ca.pem()).unwrap();
 
     let addr: SocketAddr = ([127, 0, 0, 1], free_port().unwrap()).into();
     let listen = addr.to_string();
-    let cert = dir.path().join("tls.crt").display().to_string();
-    let key = dir.path().join("tls.key").display().to_string();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
     let allowed = fake.api_url().replace("/api", "");
     let process = ServiceProcess::start(
         Path::new(env!("CARGO_BIN_EXE_secret-bridge")),
@@ -178,7 +160,7 @@ async fn main() {
     ];
     let bridge = Arc::new(Target {
         addr,
-        tls: Some(tokio_rustls::TlsConnector::from(Arc::new(client))),
+        tls: Some(client),
         path: "/rest/api/1/secret",
         headers,
         body_key: "id",

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use hearth_tests::admin::{HttpReply, ServiceProcess, http_request, tls_client_trusting};
+use hearth_tests::admin::{HttpReply, ServiceProcess, http_request};
+use hearth_tests::tls::{TestCa, client_trusting};
 use hearth_tests::{FakeApiServer, FakeBitwarden, free_port};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::Api;
@@ -25,7 +26,7 @@ async fn eso_request(
     token: &str,
     id: &str,
 ) -> Result<HttpReply, String> {
-    let connector = tls_client_trusting(ca_pem).map_err(|e| e.to_string())?;
+    let connector = client_trusting(ca_pem).map_err(|e| e.to_string())?;
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from(server_name.to_owned()).unwrap();
     let stream = connector
@@ -122,11 +123,7 @@ async fn the_self_managed_ca_is_published_and_shared_by_every_replica() {
         "hostname must be checked"
     );
     // Another CA is not trusted.
-    let other_ca = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .self_signed(&rcgen::KeyPair::generate().unwrap())
-        .unwrap()
-        .pem();
+    let other_ca = TestCa::new("another CA").unwrap().pem().to_owned();
     assert!(
         eso_request(first_addr, &other_ca, SERVICE_NAME, &fake, &token, &id)
             .await
@@ -146,23 +143,11 @@ async fn the_self_managed_ca_is_published_and_shared_by_every_replica() {
     );
 }
 
+/// A new CA that has issued the bridge's tls.crt / tls.key in `dir`; returns the CA, PEM.
 fn issue(ca_name: &str, dir: &Path) -> String {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, ca_name);
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec![SERVICE_NAME.to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    std::fs::write(dir.join("tls.crt"), leaf.pem()).unwrap();
-    std::fs::write(dir.join("tls.key"), leaf_key.serialize_pem()).unwrap();
-    ca_cert.pem()
+    let ca = TestCa::new(ca_name).unwrap();
+    ca.issue_files(&[SERVICE_NAME], dir, "tls").unwrap();
+    ca.pem().to_owned()
 }
 
 #[tokio::test]
@@ -215,23 +200,9 @@ async fn certificate_files_are_served_and_reloaded_when_they_change() {
 #[tokio::test]
 async fn a_self_hosted_bitwarden_is_trusted_through_upstream_ca_file() {
     let dir = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let (cert_path, key_path, ca_path) = (
-        dir.path().join("bw.crt"),
-        dir.path().join("bw.key"),
-        dir.path().join("ca.crt"),
-    );
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let ca = TestCa::new("self-hosted Bitwarden CA").unwrap();
+    let (cert_path, key_path) = ca.issue_files(&["127.0.0.1"], dir.path(), "bw").unwrap();
+    let ca_path = dir.path().join("ca.crt");
     std::fs::write(&ca_path, ca.pem()).unwrap();
     let fake = FakeBitwarden::start_tls(&cert_path, &key_path)
         .await

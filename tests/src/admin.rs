@@ -75,27 +75,6 @@ where
     })
 }
 
-/// A TLS client as ESO builds one: it trusts only the CAs in `ca_pem` (never the system's),
-/// checks the host name, speaks TLS 1.2 or 1.3 and HTTP/1.1.
-pub fn tls_client_trusting(ca_pem: &str) -> Result<tokio_rustls::TlsConnector, HarnessError> {
-    use rustls_pki_types::pem::PemObject;
-    let bad = |e: &dyn std::fmt::Display| HarnessError::Startup(format!("CA bundle: {e}"));
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
-        .map_err(|e| bad(&e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
-        config,
-    )))
-}
-
 /// A service binary running as a child process, its admin server on a free loopback port and
 /// its log captured.
 pub struct ServiceProcess {
