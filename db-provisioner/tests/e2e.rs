@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -141,12 +142,8 @@ async fn a_paperless_namespace_gets_its_database_redis_and_secret() {
     let index: u8 = url.rsplit('/').next().unwrap().parse().unwrap();
     let redis_password = url.split(':').nth(2).unwrap().split('@').next().unwrap();
     let mut admin = stack.redis_admin().await;
-    let user: std::collections::HashMap<String, redis::Value> = redis::cmd("ACL")
-        .arg("GETUSER")
-        .arg("paper-less")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let user: std::collections::HashMap<String, redis::Value> =
+        redis_command!(&mut admin, "ACL", "GETUSER", "paper-less").unwrap();
     let field = |name: &str| -> String { redis::from_redis_value(user[name].clone()).unwrap() };
     // Redis describes the rules in an order of its own; compare them as a set.
     let mut commands: Vec<String> = field("commands").split(' ').map(str::to_owned).collect();
@@ -172,42 +169,18 @@ async fn a_paperless_namespace_gets_its_database_redis_and_secret() {
         redis_password.as_bytes(),
     ));
     assert_eq!(hashes, [expected]);
-    let () = redis::cmd("SELECT")
-        .arg(index)
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    let owner: String = redis::cmd("GET")
-        .arg("__hearth:owner")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let () = redis_command!(&mut admin, "SELECT", index).unwrap();
+    let owner: String = redis_command!(&mut admin, "GET", "__hearth:owner").unwrap();
     assert_eq!(owner, "paper-less");
     let mut app_redis = stack.redis_as("paper-less", redis_password).await.unwrap();
-    let () = redis::cmd("SELECT")
-        .arg(index)
-        .query_async(&mut app_redis)
-        .await
-        .unwrap();
-    let () = redis::cmd("SET")
-        .arg("celery")
-        .arg("x")
-        .query_async(&mut app_redis)
-        .await
-        .unwrap();
+    let () = redis_command!(&mut app_redis, "SELECT", index).unwrap();
+    let () = redis_command!(&mut app_redis, "SET", "celery", "x").unwrap();
     let other = (index + 1) % 16;
-    let refused: redis::RedisResult<()> = redis::cmd("SELECT")
-        .arg(other)
-        .query_async(&mut app_redis)
-        .await;
+    let refused: redis::RedisResult<()> = redis_command!(&mut app_redis, "SELECT", other);
     assert!(refused.is_err(), "SELECT of another index must be refused");
-    let refused: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut app_redis).await;
+    let refused: redis::RedisResult<()> = redis_command!(&mut app_redis, "FLUSHALL");
     assert!(refused.is_err());
-    let refused: redis::RedisResult<()> = redis::cmd("MOVE")
-        .arg("celery")
-        .arg(other)
-        .query_async(&mut app_redis)
-        .await;
+    let refused: redis::RedisResult<()> = redis_command!(&mut app_redis, "MOVE", "celery", other);
     assert!(refused.is_err());
 
     // What is written back, and said.
@@ -362,11 +335,7 @@ async fn hostile_annotations_are_refused_and_touch_nothing() {
         "only the good namespace's role and database"
     );
     let mut admin = stack.redis_admin().await;
-    let users: Vec<String> = redis::cmd("ACL")
-        .arg("USERS")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let users: Vec<String> = redis_command!(&mut admin, "ACL", "USERS").unwrap();
     assert_eq!(users, ["default"]);
 }
 
@@ -454,22 +423,10 @@ async fn redis_restart_gets_the_acl_user_and_sentinel_back() {
             .ok()
     })
     .await;
-    let () = redis::cmd("SELECT")
-        .arg(3)
-        .query_async(&mut app)
-        .await
-        .unwrap();
+    let () = redis_command!(&mut app, "SELECT", 3).unwrap();
     let mut admin = stack.redis_admin().await;
-    let () = redis::cmd("SELECT")
-        .arg(3)
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    let owner: Option<String> = redis::cmd("GET")
-        .arg("__hearth:owner")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let () = redis_command!(&mut admin, "SELECT", 3).unwrap();
+    let owner: Option<String> = redis_command!(&mut admin, "GET", "__hearth:owner").unwrap();
     assert_eq!(owner.as_deref(), Some("immich"));
 }
 
@@ -479,12 +436,7 @@ async fn redis_indexes_are_allocated_claimed_and_exhausted() {
     let process = stack.provisioner("pod-a", &[]).await;
     // Index 0 holds keys nobody accounts for: only an explicit claim may take it.
     let mut admin = stack.redis_admin().await;
-    let () = redis::cmd("SET")
-        .arg("legacy")
-        .arg("data")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let () = redis_command!(&mut admin, "SET", "legacy", "data").unwrap();
 
     stack
         .annotate("first", &[("hearth.dev/redis", Some("true"))])
@@ -537,11 +489,7 @@ async fn redis_indexes_are_allocated_claimed_and_exhausted() {
     assert_eq!(record["0"], "claimer");
     assert_eq!(record["1"], "first");
     assert_eq!(record["2"], "second");
-    let legacy: String = redis::cmd("GET")
-        .arg("legacy")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let legacy: String = redis_command!(&mut admin, "GET", "legacy").unwrap();
     assert_eq!(legacy, "data", "claiming never flushes");
 }
 
@@ -572,17 +520,8 @@ async fn retain_keeps_everything_and_drop_removes_only_what_is_ours() {
     .await;
     assert!(namespace.metadata.deletion_timestamp.is_none());
     let mut admin = stack.redis_admin().await;
-    let () = redis::cmd("SELECT")
-        .arg(dropped_index)
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    let () = redis::cmd("SET")
-        .arg("app-data")
-        .arg("x")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let () = redis_command!(&mut admin, "SELECT", dropped_index).unwrap();
+    let () = redis_command!(&mut admin, "SET", "app-data", "x").unwrap();
 
     let namespaces: Api<Namespace> = Api::all(stack.client.clone());
     for name in ["kept", "dropped"] {
@@ -623,13 +562,9 @@ async fn retain_keeps_everything_and_drop_removes_only_what_is_ours() {
         "retain keeps the role and database"
     );
     assert_eq!(count("dropped").await, (0, 0), "drop removes them");
-    let size: i64 = redis::cmd("DBSIZE").query_async(&mut admin).await.unwrap();
+    let size: i64 = redis_command!(&mut admin, "DBSIZE").unwrap();
     assert_eq!(size, 0, "drop flushes the index");
-    let users: Vec<String> = redis::cmd("ACL")
-        .arg("USERS")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let users: Vec<String> = redis_command!(&mut admin, "ACL", "USERS").unwrap();
     assert!(
         users.contains(&"kept".to_owned()) && !users.contains(&"dropped".to_owned()),
         "{users:?}"

@@ -1,7 +1,7 @@
 //! A whole stack for db-provisioner's end-to-end tests and benchmark: the fake Kubernetes API,
 //! a real PostgreSQL and Redis, and the real binary started as a process.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_macros, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -16,6 +16,14 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use tempfile::TempDir;
+
+/// `redis_command!(&mut connection, "SELECT", 3)`: sends one command and awaits its reply,
+/// typed as the caller asks.
+macro_rules! redis_command {
+    ($connection:expr, $command:literal $(, $arg:expr)* $(,)?) => {
+        redis::cmd($command)$(.arg($arg))*.query_async($connection).await
+    };
+}
 
 pub struct Stack {
     pub api: FakeApiServer,
