@@ -198,7 +198,7 @@ pub enum RedisRequest {
 /// `hearth.dev/redis`: `Ok(None)` for `"false"`.
 pub fn parse_redis(value: &str) -> Result<Option<RedisRequest>, AnnotationError> {
     const ACCEPTED: &str = "expected \"true\" (the next free database index), \"false\", or an \
-        index from \"0\" to \"15\" written without sign or leading zeros";
+        index from \"1\" to \"15\" written without sign or leading zeros";
     match value {
         "true" => return Ok(Some(RedisRequest::NextFree)),
         "false" => return Ok(None),
@@ -208,6 +208,16 @@ pub fn parse_redis(value: &str) -> Result<Option<RedisRequest>, AnnotationError>
         && value.bytes().all(|b| b.is_ascii_digit())
         && !(value.len() == 2 && value.starts_with('0'));
     match value.parse::<u8>() {
+        // Every connection starts in database 0 before any SELECT, so every other app's user
+        // reaches it: an app kept there cannot be kept apart.
+        Ok(0) if canonical => Err(AnnotationError::new(
+            REDIS,
+            value,
+            "expected an index from \"1\" to \"15\": 0 is refused, because every Redis \
+             connection starts there, so every other app can read and delete its keys. Move the \
+             data to a free index N first (an admin runs SWAPDB 0 N), then set hearth.dev/redis \
+             to \"N\"",
+        )),
         Ok(index) if canonical && index <= MAX_REDIS_INDEX => Ok(Some(RedisRequest::Claim(index))),
         _ => Err(AnnotationError::new(REDIS, value, ACCEPTED)),
     }
@@ -658,8 +668,10 @@ mod tests {
     fn redis_indexes() {
         assert_eq!(parse_redis("true").unwrap(), Some(RedisRequest::NextFree));
         assert_eq!(parse_redis("false").unwrap(), None);
-        assert_eq!(parse_redis("0").unwrap(), Some(RedisRequest::Claim(0)));
+        assert_eq!(parse_redis("1").unwrap(), Some(RedisRequest::Claim(1)));
         assert_eq!(parse_redis("15").unwrap(), Some(RedisRequest::Claim(15)));
+        let zero = parse_redis("0").unwrap_err().to_string();
+        assert!(zero.contains("SWAPDB 0 N"), "{zero}");
         for bad in [
             "16",
             "-1",
@@ -674,7 +686,7 @@ mod tests {
             "99999999999999999999",
         ] {
             let error = parse_redis(bad).unwrap_err();
-            assert!(error.to_string().contains("\"0\" to \"15\""), "{error}");
+            assert!(error.to_string().contains("\"1\" to \"15\""), "{error}");
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod annotations;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod options;
