@@ -143,10 +143,29 @@ impl ServiceProcess {
     }
 }
 
+impl ServiceProcess {
+    /// Kills the process at once (SIGKILL), as an OOM kill or a node failure would.
+    pub fn kill(&mut self) -> Result<(), HarnessError> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what the service said, the last lines being the likeliest cause.
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let lines: Vec<&str> = logs.lines().collect();
+            eprintln!(
+                "--- last log lines of the service on {} ---\n{}",
+                self.admin,
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
     }
 }
 

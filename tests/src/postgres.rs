@@ -163,6 +163,18 @@ impl PostgresServer {
         self.port
     }
 
+    /// The server's major version, e.g. 15 or 16.
+    pub async fn major_version(&self) -> Result<u32, HarnessError> {
+        let row = self
+            .connect()
+            .await?
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| HarnessError::Startup(format!("reading the version: {e}")))?;
+        let number: i32 = row.get(0);
+        Ok(u32::try_from(number / 10_000).unwrap_or(0))
+    }
+
     /// The superuser's connection URL.
     pub fn url(&self) -> String {
         format!(
@@ -195,14 +207,30 @@ impl Drop for PostgresServer {
     }
 }
 
-/// The directory holding `initdb`, `postgres` and `pg_ctl`: from PATH, `pg_config --bindir`,
-/// or the newest of Debian's `/usr/lib/postgresql/<version>/bin`.
+/// Names the directory of the PostgreSQL server binaries the tests use, instead of the
+/// machine's own: `scripts/test` runs the PostgreSQL tests a second time with it pointing at
+/// PostgreSQL 16.
+pub const BINDIR_VARIABLE: &str = "HEARTH_POSTGRES_BINDIR";
+
+/// The directory holding `initdb`, `postgres` and `pg_ctl`: `HEARTH_POSTGRES_BINDIR` when set,
+/// else from PATH, `pg_config --bindir`, or the newest of Debian's
+/// `/usr/lib/postgresql/<version>/bin`.
 fn find_bin_dir() -> Result<PathBuf, HarnessError> {
     let complete = |dir: &Path| {
         ["initdb", "postgres", "pg_ctl"]
             .iter()
             .all(|b| dir.join(b).is_file())
     };
+    if let Some(dir) = std::env::var_os(BINDIR_VARIABLE).map(PathBuf::from) {
+        return if complete(&dir) {
+            Ok(dir)
+        } else {
+            Err(HarnessError::Startup(format!(
+                "{BINDIR_VARIABLE}={} holds no initdb, postgres and pg_ctl",
+                dir.display()
+            )))
+        };
+    }
     let from_path = on_path("initdb")
         .and_then(|initdb| std::fs::canonicalize(initdb).ok())
         .and_then(|initdb| initdb.parent().map(Path::to_path_buf));

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::HarnessError;
 use server::Shared;
+pub use server::{ApiRequest, HARNESS_HEADER};
 
 pub struct FakeApiServer {
     addr: SocketAddr,
@@ -51,6 +52,7 @@ impl FakeApiServer {
             store: Mutex::new(store::Store::new()),
             bookmark_interval: interval,
             shutdown: CancellationToken::new(),
+            requests: Mutex::default(),
         });
         let router = axum::Router::new()
             .fallback(server::handle)
@@ -77,8 +79,21 @@ impl FakeApiServer {
             .url()
             .parse()
             .map_err(|e| HarnessError::Startup(format!("fake API server URL: {e}")))?;
-        let config = kube::Config::new(uri);
+        let mut config = kube::Config::new(uri);
+        config.headers.push((
+            axum::http::HeaderName::from_static(HARNESS_HEADER),
+            axum::http::HeaderValue::from_static("true"),
+        ));
         Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Every request served so far, as RBAC would see it.
+    pub fn requests(&self) -> Vec<ApiRequest> {
+        self.shared
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Writes a kubeconfig for this server, for a service binary started as its own process

@@ -23,11 +23,67 @@ pub struct Shared {
     pub store: Mutex<Store>,
     pub bookmark_interval: Duration,
     pub shutdown: CancellationToken,
+    pub requests: Mutex<Vec<ApiRequest>>,
 }
 
 impl Shared {
     pub fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The header the harness's own client sends, so its requests can be told from a service's.
+pub const HARNESS_HEADER: &str = "x-hearth-harness";
+
+/// One request as RBAC sees it (its request attributes), for checking what a service asks of
+/// the API against what its manifests grant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiRequest {
+    /// get, list, watch, create, update, patch or delete.
+    pub verb: &'static str,
+    pub group: String,
+    /// The plural, e.g. `secrets`.
+    pub resource: String,
+    pub subresource: Option<String>,
+    pub namespace: Option<String>,
+    /// From the path, or for a list or watch from a `metadata.name` field selector, as the
+    /// API server does when it authorizes by resourceNames.
+    pub name: Option<String>,
+    pub from_harness: bool,
+}
+
+fn request_attributes(
+    method: &Method,
+    target: &Target,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> ApiRequest {
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = match (method, target.name.is_some()) {
+        (&Method::GET, true) => "get",
+        (&Method::GET, false) if watching => "watch",
+        (&Method::GET, false) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "unknown",
+    };
+    let selected_name = query.get("fieldSelector").and_then(|selector| {
+        selector
+            .strip_prefix("metadata.name=")
+            .filter(|name| !name.contains(','))
+            .map(str::to_owned)
+    });
+    let kind = &KINDS[target.kind];
+    ApiRequest {
+        verb,
+        group: kind.group.to_owned(),
+        resource: kind.plural.to_owned(),
+        subresource: target.status.then(|| "status".to_owned()),
+        namespace: target.namespace.clone(),
+        name: target.name.clone().or(selected_name),
+        from_harness: headers.contains_key(HARNESS_HEADER),
     }
 }
 
@@ -115,8 +171,14 @@ pub async fn handle(
         url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
             .into_owned()
             .collect();
-    let result = resolve(uri.path())
-        .and_then(|target| dispatch(&shared, &method, &target, &query, &headers, &body));
+    let result = resolve(uri.path()).and_then(|target| {
+        shared
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(request_attributes(&method, &target, &query, &headers));
+        dispatch(&shared, &method, &target, &query, &headers, &body)
+    });
     match result {
         Ok(Reply::Object(code, value)) => json_response(code, &value),
         Ok(Reply::Watch(start)) => watch(&shared, start),
