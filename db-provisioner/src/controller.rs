@@ -1,39 +1,33 @@
-//! The controller over Namespaces: fetch → validate → build → apply → report.
+//! The controller over Namespaces: fetch → validate ([`crate::desired`]) → build and apply
+//! ([`crate::provision`], [`crate::finalize`]) → report ([`crate::report`], metrics).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use hearth_runtime::annotations::{
-    self, DeletionPolicy, PgName, Profile, RedisRequest, parse_postgres,
-};
+use hearth_runtime::Process;
+use hearth_runtime::annotations;
+use hearth_runtime::events::EventPublisher;
 use hearth_runtime::leader::{LeaderElection, Leadership};
-use hearth_runtime::{Process, Sensitive};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Api, Client, ResourceExt};
 
-use crate::credentials::generate_password;
-use crate::desired::{self, Desired};
+use crate::desired;
+use crate::finalize::{self, FINALIZER};
 use crate::metrics::Metrics;
-use crate::postgres::{PostgresAdmin, PostgresChange, PostgresPlan};
-use crate::redis::{RedisAdmin, choose_index};
-use crate::secret::{self, MANAGED_BY, MANAGED_BY_LABEL, PostgresAccess, RedisAccess, SECRET_NAME};
-use crate::store::{Allocations, CredentialStore, Credentials, FIELD_MANAGER};
+use crate::postgres::PostgresAdmin;
+use crate::provision;
+use crate::redis::RedisAdmin;
+use crate::report::{Reporter, Step};
+use crate::secret::{MANAGED_BY, MANAGED_BY_LABEL, SECRET_NAME};
+use crate::store::{Allocations, CredentialStore};
 use crate::{Error, Options};
 
-/// Holds a namespace's deletion until its databases are dropped (deletion policy `drop`).
-pub const FINALIZER: &str = "hearth.dev/db-provisioner";
 const LEASE_NAME: &str = "hearth-db-provisioner";
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Events carry at most this much text (the API's limit is 1 KiB).
-const NOTE_LIMIT: usize = 1000;
 
 /// Where apps reach the databases, and what the operator allows.
 pub struct Settings {
@@ -47,7 +41,7 @@ pub struct Settings {
 
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub report: Reporter,
     pub leadership: Leadership,
     pub postgres: Option<PostgresAdmin>,
     pub redis: Option<RedisAdmin>,
@@ -58,14 +52,14 @@ pub struct Context {
     /// Consecutive failures per namespace, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Held while choosing and recording a Redis index.
-    allocating: tokio::sync::Mutex<()>,
+    pub allocating: tokio::sync::Mutex<()>,
 }
 
 impl Context {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
-        recorder: Recorder,
+        report: Reporter,
         leadership: Leadership,
         postgres: Option<PostgresAdmin>,
         redis: Option<RedisAdmin>,
@@ -77,7 +71,7 @@ impl Context {
             allocations: Allocations::new(client.clone(), own_namespace),
             credentials: CredentialStore::new(client.clone(), own_namespace),
             client,
-            recorder,
+            report,
             leadership,
             postgres,
             redis,
@@ -88,29 +82,17 @@ impl Context {
         }
     }
 
-    async fn publish(&self, namespace: &Namespace, type_: EventType, reason: &str, note: String) {
-        let mut note = note;
-        if note.len() > NOTE_LIMIT {
-            let mut cut = NOTE_LIMIT;
-            while !note.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            note.truncate(cut);
-        }
-        let event = Event {
-            type_,
-            reason: reason.to_owned(),
-            note: Some(note),
-            action: "Provision".to_owned(),
-            secondary: None,
-        };
-        if let Err(error) = self
-            .recorder
-            .publish(&event, &namespace.object_ref(&()))
-            .await
-        {
-            tracing::warn!(%error, reason, "could not publish an Event");
-        }
+    pub fn postgres(&self) -> Result<&PostgresAdmin, Error> {
+        self.postgres.as_ref().ok_or(Error::NotConfigured(
+            "POSTGRES_ADMIN_URL",
+            "PostgreSQL database",
+        ))
+    }
+
+    pub fn redis(&self) -> Result<&RedisAdmin, Error> {
+        self.redis
+            .as_ref()
+            .ok_or(Error::NotConfigured("REDIS_ADMIN_URL", "Redis database"))
     }
 
     fn backoff(&self, namespace: &str) -> Duration {
@@ -181,14 +163,10 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
         Ok(())
     });
 
-    let reporter = Reporter {
-        controller: "hearth-db-provisioner".to_owned(),
-        instance: Some(common.pod_name.clone()),
-    };
-    let recorder = Recorder::new(client.clone(), reporter);
+    let events = EventPublisher::new(client.clone(), "hearth-db-provisioner", &common.pod_name);
     let context = Arc::new(Context::new(
         client.clone(),
-        recorder,
+        Reporter::new(events),
         leadership.clone(),
         postgres,
         redis,
@@ -198,19 +176,21 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
     ));
     spawn_readiness(process, &context);
 
-    let (namespaces, secrets, watch_config) = match &common.watch_namespace {
+    // Only Secrets named hearth-db are watched (by a field selector, which RBAC can limit with
+    // resourceNames): the controller never needs to read every Secret in the cluster.
+    let ours = watcher::Config::default()
+        .fields(&format!("metadata.name={SECRET_NAME}"))
+        .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let (secrets, watch_config) = match &common.watch_namespace {
         Some(only) => (
-            Api::<Namespace>::all(client.clone()),
             Api::<Secret>::namespaced(client.clone(), only),
             watcher::Config::default().fields(&format!("metadata.name={only}")),
         ),
         None => (
-            Api::<Namespace>::all(client.clone()),
             Api::<Secret>::all(client.clone()),
             watcher::Config::default(),
         ),
     };
-    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     // Becoming leader re-checks every namespace at once instead of at the next resync.
     let became_leader = futures::stream::unfold(leadership, |mut leadership| async move {
         loop {
@@ -227,7 +207,7 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
         tokio::time::sleep(resync).await;
         Some(((), ()))
     });
-    let controller = Controller::new(namespaces, watch_config)
+    let controller = Controller::new(Api::<Namespace>::all(client.clone()), watch_config)
         .owns(secrets, ours)
         // Eight at a time: faster is bound by the disk (CREATE DATABASE copies a template),
         // and each reconcile in flight holds a database connection and its buffers.
@@ -301,7 +281,7 @@ where
 }
 
 /// Reconciles one namespace and reports the outcome in metrics, a log line and, for a
-/// failure, a Warning Event.
+/// failure, a Warning Event naming the step that failed.
 pub async fn reconcile(namespace: Arc<Namespace>, context: Arc<Context>) -> Result<Action, Error> {
     if !context.leadership.is_leader() {
         // Becoming leader reconciles every namespace; until then there is nothing to do.
@@ -310,7 +290,8 @@ pub async fn reconcile(namespace: Arc<Namespace>, context: Arc<Context>) -> Resu
     let name = namespace.name_any();
     tracing::debug!(namespace = %name, "reconciling");
     let started = Instant::now();
-    let result = reconcile_namespace(&namespace, &context).await;
+    let mut step = Step::ReadAnnotations;
+    let result = reconcile_namespace(&namespace, &context, &mut step).await;
     let metrics = &context.metrics;
     metrics
         .reconcile_duration
@@ -326,14 +307,10 @@ pub async fn reconcile(namespace: Arc<Namespace>, context: Arc<Context>) -> Resu
         Err(error) => {
             metrics.reconciles.with_label_values(&["error"]).inc();
             metrics.errors.with_label_values(&[error.reason()]).inc();
-            tracing::warn!(namespace = %name, reason = error.reason(), %error, "reconcile failed");
+            tracing::warn!(namespace = %name, step = step.action(), reason = error.reason(), %error, "reconcile failed");
             context
-                .publish(
-                    &namespace,
-                    EventType::Warning,
-                    error.reason(),
-                    error.to_string(),
-                )
+                .report
+                .warning(&namespace, step, error.reason(), &error.to_string())
                 .await;
             Err(error)
         }
@@ -348,7 +325,11 @@ pub fn error_policy(namespace: Arc<Namespace>, error: &Error, context: Arc<Conte
     }
 }
 
-async fn reconcile_namespace(namespace: &Namespace, context: &Context) -> Result<(), Error> {
+async fn reconcile_namespace(
+    namespace: &Namespace,
+    context: &Context,
+    step: &mut Step,
+) -> Result<(), Error> {
     let name = namespace.name_any();
     let reading = desired::read(
         &name,
@@ -356,14 +337,29 @@ async fn reconcile_namespace(namespace: &Namespace, context: &Context) -> Result
         &context.settings.allowed_extensions,
     );
     if namespace.metadata.deletion_timestamp.is_some() {
-        return finalize(namespace, &reading.desired, context).await;
+        *step = Step::Drop;
+        return finalize::finalize(namespace, &reading.desired, context).await;
     }
     if !reading.invalid.is_empty() {
         let messages: Vec<String> = reading.invalid.iter().map(ToString::to_string).collect();
         return Err(Error::InvalidAnnotations(messages.join("; ")));
     }
-    let desired = reading.desired;
-    if !desired.opted_in() {
+    if reading.redis_refused {
+        context
+            .report
+            .warning(
+                namespace,
+                Step::ReadAnnotations,
+                "RedisNotForWallabag",
+                "hearth.dev/redis is refused for the wallabag profile: wallabag 2.6 sends Redis \
+                 only a password, which Redis takes as a login of its default user, so it could \
+                 never use an ACL user of its own. No Redis index or user was made; wallabag runs \
+                 without Redis (it uses it only for asynchronous imports). Remove \
+                 hearth.dev/redis from this namespace",
+            )
+            .await;
+    }
+    if !reading.desired.opted_in() {
         // Only a namespace that carries traces of hearth (its write-back annotations or its
         // finalizer) has anything to clean up; the rest cost no API call.
         let traces = namespace
@@ -372,619 +368,10 @@ async fn reconcile_namespace(namespace: &Namespace, context: &Context) -> Result
             || namespace.annotations().contains_key(annotations::REDIS_DB)
             || namespace.finalizers().iter().any(|f| f == FINALIZER);
         if traces {
-            opt_out(namespace, context).await?;
+            *step = Step::OptOut;
+            finalize::opt_out(namespace, context).await?;
         }
         return Ok(());
     }
-    if !reading.refused_extensions.is_empty() {
-        let note = format!(
-            "extensions not on the operator's allow-list were skipped: {} (allowed: {})",
-            reading.refused_extensions.join(", "),
-            if context.settings.allowed_extensions.is_empty() {
-                "none".to_owned()
-            } else {
-                context.settings.allowed_extensions.join(", ")
-            }
-        );
-        context
-            .publish(namespace, EventType::Warning, "ExtensionNotAllowed", note)
-            .await;
-    }
-    set_finalizer(
-        namespace,
-        context,
-        desired.deletion_policy == DeletionPolicy::Drop,
-    )
-    .await?;
-
-    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &name);
-    let existing = secrets
-        .get_opt(SECRET_NAME)
-        .await
-        .map_err(|source| Error::Kube {
-            action: "read Secret",
-            source,
-        })?;
-    if let Some(existing) = &existing
-        && existing.labels().get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY)
-    {
-        return Err(Error::Conflict(format!(
-            "Secret {SECRET_NAME} in namespace {name} exists and was not made by hearth; \
-                 hearth never overwrites it. Rename or delete it to let hearth write its own"
-        )));
-    }
-
-    let credentials = ensure_credentials(&desired, context).await?;
-    let rotation_due = desired.rotate.is_some() && desired.rotate != credentials.rotation;
-    let fresh = |wanted: bool| -> Result<Option<Sensitive<String>>, Error> {
-        if wanted && rotation_due {
-            generate_password().map(Some)
-        } else {
-            Ok(None)
-        }
-    };
-    let new_postgres = fresh(desired.postgres.is_some())?;
-    let new_redis = fresh(desired.redis.is_some())?;
-    let postgres_password = new_postgres
-        .as_ref()
-        .or(credentials.postgres_password.as_ref());
-    let redis_password = new_redis.as_ref().or(credentials.redis_password.as_ref());
-
-    let mut notes = Vec::new();
-    if let (Some(database), Some(password)) = (&desired.postgres, postgres_password) {
-        let postgres = context.postgres.as_ref().ok_or(Error::NotConfigured(
-            "POSTGRES_ADMIN_URL",
-            "PostgreSQL database",
-        ))?;
-        let plan = PostgresPlan {
-            namespace: &name,
-            name: database,
-            password,
-            set_password: rotation_due,
-            adopt: desired.adopt,
-            extensions: &desired.extensions,
-        };
-        for change in postgres.ensure(&plan).await? {
-            notes.push(describe(&change, database));
-        }
-    }
-    let redis_index = match (desired.redis, redis_password) {
-        (Some(request), Some(password)) => {
-            Some(ensure_redis(namespace, &desired, request, password, context).await?)
-        }
-        _ => None,
-    };
-    let credentials = if rotation_due {
-        let rotated = Credentials {
-            postgres_password: new_postgres.or(credentials.postgres_password),
-            redis_password: new_redis.or(credentials.redis_password),
-            rotation: desired.rotate.clone(),
-        };
-        context.credentials.save(&name, &rotated).await?;
-        notes.push(format!(
-            "rotated the passwords (hearth.dev/rotate: {:?})",
-            desired.rotate.as_deref().unwrap_or_default()
-        ));
-        rotated
-    } else {
-        credentials
-    };
-    write_secret(
-        namespace,
-        &desired,
-        &credentials,
-        redis_index,
-        existing.as_ref(),
-        context,
-    )
-    .await?;
-    if let (Profile::Wallabag, Some(index), None) = (desired.profile, redis_index, &existing) {
-        let note = format!(
-            "wallabag 2.6 cannot select a Redis database index or send a user name: it will use \
-             database 0 as the default user, not index {index} as {name}"
-        );
-        context
-            .publish(namespace, EventType::Warning, "WallabagRedisLimits", note)
-            .await;
-    }
-    write_back(namespace, desired.postgres.as_ref(), redis_index, context).await?;
-    for note in notes {
-        let reason = if note.starts_with("adopted") {
-            "Adopted"
-        } else if note.starts_with("rotated") {
-            "Rotated"
-        } else {
-            "Provisioned"
-        };
-        context
-            .publish(namespace, EventType::Normal, reason, note)
-            .await;
-    }
-    Ok(())
-}
-
-fn describe(change: &PostgresChange, name: &PgName) -> String {
-    match change {
-        PostgresChange::CreatedRole => format!("created PostgreSQL role {name}"),
-        PostgresChange::CreatedDatabase => {
-            format!("created PostgreSQL database {name}, owned by role {name}, closed to PUBLIC")
-        }
-        PostgresChange::AdoptedRole => {
-            format!(
-                "adopted the existing PostgreSQL role {name}: marked as this namespace's, new password"
-            )
-        }
-        PostgresChange::AdoptedDatabase => {
-            format!(
-                "adopted the existing PostgreSQL database {name}: marked as this namespace's, owned by role {name}"
-            )
-        }
-        PostgresChange::SetPassword => format!("set a new password on PostgreSQL role {name}"),
-        PostgresChange::RepairedOwner => {
-            format!("made role {name} the owner of database {name} again")
-        }
-        PostgresChange::RevokedPublicAccess => {
-            format!("revoked CONNECT and TEMPORARY on database {name} from PUBLIC again")
-        }
-        PostgresChange::CreatedExtension(extension) => {
-            format!("created extension {extension} in database {name}")
-        }
-    }
-}
-
-/// Loads the namespace's kept passwords, generating and saving any that are missing before any
-/// server sees them, so a crash can never leave a role with a password nobody knows.
-async fn ensure_credentials(desired: &Desired, context: &Context) -> Result<Credentials, Error> {
-    let name = &desired.namespace;
-    let loaded = context.credentials.load(name).await?;
-    let existed = loaded.is_some();
-    let mut credentials = loaded.unwrap_or_else(|| Credentials {
-        // The value present at opt-in is the starting point, not a request to rotate.
-        rotation: desired.rotate.clone(),
-        ..Credentials::default()
-    });
-    let mut changed = !existed;
-    if desired.postgres.is_some() && credentials.postgres_password.is_none() {
-        credentials.postgres_password = Some(generate_password()?);
-        changed = true;
-    }
-    if desired.redis.is_some() && credentials.redis_password.is_none() {
-        credentials.redis_password = Some(generate_password()?);
-        changed = true;
-    }
-    if changed {
-        context.credentials.save(name, &credentials).await?;
-    }
-    Ok(credentials)
-}
-
-async fn ensure_redis(
-    namespace: &Namespace,
-    desired: &Desired,
-    request: RedisRequest,
-    password: &Sensitive<String>,
-    context: &Context,
-) -> Result<u8, Error> {
-    let redis = context
-        .redis
-        .as_ref()
-        .ok_or(Error::NotConfigured("REDIS_ADMIN_URL", "Redis database"))?;
-    let name = desired.namespace.as_str();
-    if name == "default" {
-        return Err(Error::Invalid(
-            "the namespace \"default\" cannot have a Redis ACL user: Redis reserves the user \
-             name default for itself"
-                .into(),
-        ));
-    }
-    let mut session = redis.session().await?;
-    let databases = session.databases().await?;
-    let allocation = context.allocations.load().await?;
-    let owned = allocation
-        .iter()
-        .find(|(_, owner)| owner.as_str() == name)
-        .map(|(index, _)| *index);
-    let index = match owned {
-        Some(index) => {
-            if let RedisRequest::Claim(claimed) = request
-                && claimed != index
-            {
-                let note = format!(
-                    "hearth.dev/redis claims index {claimed}, but this namespace already holds \
-                         index {index}; it keeps {index}. Moving data between indexes is not \
-                         done automatically"
-                );
-                context
-                    .publish(namespace, EventType::Warning, "RedisIndexMismatch", note)
-                    .await;
-            }
-            record_indexes(context, allocation.len(), databases);
-            index
-        }
-        None => allocate(&mut session, name, request, databases, context).await?,
-    };
-    match session.inspect(index).await?.0 {
-        Some(owner) if owner != name => {
-            return Err(Error::Conflict(format!(
-                "Redis index {index} is allocated to this namespace but its sentinel key names \
-                 namespace {owner}; nothing is written until that is resolved"
-            )));
-        }
-        Some(_) => {}
-        None => redis.claim(&mut session, index, name).await?,
-    }
-    // Re-applied every time: Redis forgets ACL users when it restarts.
-    redis.set_user(&mut session, name, password, index).await?;
-    Ok(index)
-}
-
-/// Finds and records a new index. Reconciles in this process take turns; another process
-/// racing for the same index loses the optimistic write, and then this one simply looks again.
-async fn allocate(
-    session: &mut crate::redis::Session,
-    name: &str,
-    request: RedisRequest,
-    databases: u8,
-    context: &Context,
-) -> Result<u8, Error> {
-    let _turn = context.allocating.lock().await;
-    for _ in 0..usize::from(databases) + 1 {
-        let allocation = context.allocations.load().await?;
-        let taken = |index: u8| allocation.get(&index).cloned();
-        let Some(index) = choose_index(session, name, request, databases, &taken).await? else {
-            record_indexes(context, allocation.len(), databases);
-            return Err(Error::RedisIndexExhausted);
-        };
-        let mut lost_race = false;
-        let written = context
-            .allocations
-            .update(|allocation| {
-                lost_race = allocation.get(&index).is_some_and(|owner| owner != name);
-                if !lost_race {
-                    allocation.insert(index, name.to_owned());
-                }
-                Ok(())
-            })
-            .await?;
-        if !lost_race {
-            record_indexes(context, written.len(), databases);
-            return Ok(index);
-        }
-    }
-    Err(Error::Conflict(
-        "the Redis allocation kept changing while choosing an index; will try again".into(),
-    ))
-}
-
-fn record_indexes(context: &Context, used: usize, databases: u8) {
-    let used = i64::try_from(used).unwrap_or(i64::MAX);
-    let gauges = &context.metrics.redis_indexes;
-    gauges.with_label_values(&["used"]).set(used);
-    gauges
-        .with_label_values(&["free"])
-        .set((i64::from(databases) - used).max(0));
-}
-
-async fn write_secret(
-    namespace: &Namespace,
-    desired: &Desired,
-    credentials: &Credentials,
-    redis_index: Option<u8>,
-    existing: Option<&Secret>,
-    context: &Context,
-) -> Result<(), Error> {
-    let name = namespace.name_any();
-    let settings = &context.settings;
-    let postgres = match (&desired.postgres, &credentials.postgres_password) {
-        (Some(database), Some(password)) => Some(PostgresAccess {
-            host: &settings.postgres_host,
-            port: settings.postgres_port,
-            database: database.as_str(),
-            username: database.as_str(),
-            password,
-            sslmode: &settings.postgres_sslmode,
-        }),
-        _ => None,
-    };
-    let redis = match (redis_index, &credentials.redis_password) {
-        (Some(index), Some(password)) => Some(RedisAccess {
-            host: &settings.redis_host,
-            port: settings.redis_port,
-            index,
-            username: desired.redis_user(),
-            password,
-        }),
-        _ => None,
-    };
-    let data: BTreeMap<String, ByteString> =
-        secret::render(desired.profile, postgres.as_ref(), redis.as_ref())
-            .into_iter()
-            .map(|(key, value)| (key, ByteString(value.into_bytes())))
-            .collect();
-    if existing.and_then(|s| s.data.as_ref()) == Some(&data) {
-        return Ok(());
-    }
-    let owner = namespace.controller_owner_ref(&()).map(|mut owner| {
-        owner.controller = Some(false);
-        owner.block_owner_deletion = Some(false);
-        owner
-    });
-    let body = json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": SECRET_NAME,
-            "namespace": name,
-            "labels": {MANAGED_BY_LABEL: MANAGED_BY},
-            "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
-        },
-        "type": "Opaque",
-        "data": data,
-    });
-    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &name);
-    secrets
-        .patch(
-            SECRET_NAME,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .map_err(|source| Error::Kube {
-            action: "write Secret",
-            source,
-        })?;
-    let verb = if existing.is_some() {
-        "updated"
-    } else {
-        "wrote"
-    };
-    context
-        .publish(
-            namespace,
-            EventType::Normal,
-            "SecretWritten",
-            format!(
-                "{verb} Secret {SECRET_NAME} ({} profile)",
-                desired.profile.as_str()
-            ),
-        )
-        .await;
-    Ok(())
-}
-
-/// Writes `hearth.dev/postgres-database` and `hearth.dev/redis-db` for people to read, and
-/// removes them when they no longer apply. A merge patch, not server-side apply: an apply would
-/// re-create a namespace deleted while this reconcile ran, and a patch of a missing one fails.
-async fn write_back(
-    namespace: &Namespace,
-    database: Option<&PgName>,
-    redis_index: Option<u8>,
-    context: &Context,
-) -> Result<(), Error> {
-    let wanted = [
-        (
-            annotations::POSTGRES_DATABASE,
-            database.map(|d| d.as_str().to_owned()),
-        ),
-        (annotations::REDIS_DB, redis_index.map(|i| i.to_string())),
-    ];
-    let current = namespace.annotations();
-    let changes: serde_json::Map<String, serde_json::Value> = wanted
-        .into_iter()
-        .filter(|(key, value)| current.get(*key) != value.as_ref())
-        .map(|(key, value)| (key.to_owned(), json!(value)))
-        .collect();
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let patch = json!({"metadata": {"annotations": changes}});
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_owned()),
-        ..PatchParams::default()
-    };
-    let namespaces: Api<Namespace> = Api::all(context.client.clone());
-    namespaces
-        .patch(&namespace.name_any(), &params, &Patch::Merge(&patch))
-        .await
-        .map_err(|source| Error::Kube {
-            action: "write annotations",
-            source,
-        })?;
-    Ok(())
-}
-
-/// Adds or removes this service's finalizer, guarded by a JSON-patch test so a concurrent
-/// change to the list is never overwritten.
-async fn set_finalizer(
-    namespace: &Namespace,
-    context: &Context,
-    wanted: bool,
-) -> Result<(), Error> {
-    let current = namespace.finalizers().to_vec();
-    let present = current.iter().any(|f| f == FINALIZER);
-    if present == wanted {
-        return Ok(());
-    }
-    let mut next = current.clone();
-    if wanted {
-        next.push(FINALIZER.to_owned());
-    } else {
-        next.retain(|f| f != FINALIZER);
-    }
-    let patch = if namespace.metadata.finalizers.is_some() {
-        json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": current},
-            {"op": "replace", "path": "/metadata/finalizers", "value": next},
-        ])
-    } else {
-        json!([{"op": "add", "path": "/metadata/finalizers", "value": next}])
-    };
-    let patch: json_patch::Patch = serde_json::from_value(patch)
-        .map_err(|e| Error::Invalid(format!("building the finalizer patch: {e}")))?;
-    let namespaces: Api<Namespace> = Api::all(context.client.clone());
-    namespaces
-        .patch(
-            &namespace.name_any(),
-            &PatchParams::default(),
-            &Patch::<()>::Json(patch),
-        )
-        .await
-        .map_err(|source| Error::Kube {
-            action: "update finalizers",
-            source,
-        })?;
-    Ok(())
-}
-
-/// The namespace no longer asks for anything: remove what was delivered into it and the
-/// finalizer, and keep the databases (and the Redis index reserved) as the retain policy says.
-async fn opt_out(namespace: &Namespace, context: &Context) -> Result<(), Error> {
-    let name = namespace.name_any();
-    let secrets: Api<Secret> = Api::namespaced(context.client.clone(), &name);
-    let existing = secrets
-        .get_opt(SECRET_NAME)
-        .await
-        .map_err(|source| Error::Kube {
-            action: "read Secret",
-            source,
-        })?;
-    let ours = existing
-        .as_ref()
-        .is_some_and(|s| s.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY));
-    if ours {
-        secrets
-            .delete(SECRET_NAME, &DeleteParams::default())
-            .await
-            .map_err(|source| Error::Kube {
-                action: "delete Secret",
-                source,
-            })?;
-        context
-            .publish(
-                namespace,
-                EventType::Normal,
-                "OptedOut",
-                format!(
-                    "no hearth.dev/postgres or hearth.dev/redis annotation: deleted Secret \
-                     {SECRET_NAME}; databases and the Redis index are kept"
-                ),
-            )
-            .await;
-    }
-    set_finalizer(namespace, context, false).await?;
-    write_back(namespace, None, None, context).await?;
-    Ok(())
-}
-
-/// The namespace is being deleted. With `drop`, its database, role, ACL user and Redis data go
-/// first, and only what carries this namespace's heritage; then the finalizer is removed.
-async fn finalize(
-    namespace: &Namespace,
-    desired: &Desired,
-    context: &Context,
-) -> Result<(), Error> {
-    if !namespace.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(());
-    }
-    let name = namespace.name_any();
-    if desired.deletion_policy == DeletionPolicy::Drop {
-        // What was provisioned is recorded on the namespace; the request may be gone by now.
-        let database = desired.postgres.clone().or_else(|| {
-            namespace
-                .annotations()
-                .get(annotations::POSTGRES_DATABASE)
-                .and_then(|value| parse_postgres(value, &name).ok().flatten())
-        });
-        if let Some(database) = database {
-            let postgres = context.postgres.as_ref().ok_or(Error::NotConfigured(
-                "POSTGRES_ADMIN_URL",
-                "PostgreSQL database",
-            ))?;
-            let report = postgres.drop(&name, &database).await?;
-            if !report.dropped.is_empty() {
-                context
-                    .publish(
-                        namespace,
-                        EventType::Normal,
-                        "Dropped",
-                        format!("dropped {}", report.dropped.join(" and ")),
-                    )
-                    .await;
-            }
-            if !report.kept.is_empty() {
-                context
-                    .publish(
-                        namespace,
-                        EventType::Warning,
-                        "Kept",
-                        format!(
-                            "kept, since not this namespace's: {}",
-                            report.kept.join(", ")
-                        ),
-                    )
-                    .await;
-            }
-        }
-        drop_redis(namespace, context).await?;
-        context.credentials.delete(&name).await?;
-    }
-    set_finalizer(namespace, context, false).await?;
-    Ok(())
-}
-
-async fn drop_redis(namespace: &Namespace, context: &Context) -> Result<(), Error> {
-    let name = namespace.name_any();
-    let allocation = context.allocations.load().await?;
-    let Some(index) = allocation
-        .iter()
-        .find(|(_, owner)| owner.as_str() == name)
-        .map(|(index, _)| *index)
-    else {
-        return Ok(());
-    };
-    let redis = context
-        .redis
-        .as_ref()
-        .ok_or(Error::NotConfigured("REDIS_ADMIN_URL", "Redis database"))?;
-    let mut session = redis.session().await?;
-    let (owner, keys) = session.inspect(index).await?;
-    let flushable = match owner.as_deref() {
-        Some(owner) => owner == name,
-        // Without a sentinel only an empty database is released: keys there are unaccounted for.
-        None => keys == 0,
-    };
-    redis.delete_user(&mut session, &name).await?;
-    if !flushable {
-        context
-            .publish(
-                namespace,
-                EventType::Warning,
-                "Kept",
-                format!(
-                    "Redis index {index} was not flushed and stays reserved: its sentinel does not \
-                     name this namespace"
-                ),
-            )
-            .await;
-        return Ok(());
-    }
-    redis.flush(&mut session, index).await?;
-    let databases = session.databases().await?;
-    let written = context
-        .allocations
-        .update(|allocation| {
-            allocation.retain(|_, owner| owner.as_str() != name);
-            Ok(())
-        })
-        .await?;
-    record_indexes(context, written.len(), databases);
-    context
-        .publish(
-            namespace,
-            EventType::Normal,
-            "Dropped",
-            format!("flushed Redis index {index}, deleted ACL user {name}, and freed the index"),
-        )
-        .await;
-    Ok(())
+    provision::provision(namespace, &reading, context, step).await
 }

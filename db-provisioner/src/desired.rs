@@ -39,6 +39,8 @@ pub struct Reading {
     pub desired: Desired,
     pub invalid: Vec<AnnotationError>,
     pub refused_extensions: Vec<String>,
+    /// Redis was asked for but cannot serve this profile's app, so none is provisioned.
+    pub redis_refused: bool,
 }
 
 pub fn read(
@@ -55,12 +57,15 @@ pub fn read(
     let mut extensions = get(annotations::POSTGRES_EXTENSIONS)
         .and_then(|v| keep_valid(&mut invalid, annotations::parse_postgres_extensions(v)))
         .unwrap_or_default();
-    let redis = get(annotations::REDIS)
+    let mut redis = get(annotations::REDIS)
         .and_then(|v| keep_valid(&mut invalid, annotations::parse_redis(v)))
         .flatten();
     let profile = get(annotations::PROFILE)
         .and_then(|v| keep_valid(&mut invalid, annotations::parse_profile(v)))
         .unwrap_or_default();
+    // wallabag 2.6 sends Redis only a password, which Redis takes as a login of the `default`
+    // user: an ACL user of its own could never be used, so none is made.
+    let redis_refused = profile == Profile::Wallabag && redis.take().is_some();
     let deletion_policy = get(annotations::DELETION_POLICY)
         .and_then(|v| keep_valid(&mut invalid, annotations::parse_deletion_policy(v)))
         .unwrap_or_default();
@@ -90,6 +95,7 @@ pub fn read(
         },
         invalid,
         refused_extensions,
+        redis_refused,
     }
 }
 
@@ -136,6 +142,23 @@ mod tests {
         assert_eq!(desired.deletion_policy, DeletionPolicy::Drop);
         assert_eq!(desired.rotate.as_deref(), Some("2026-11"));
         assert!(!desired.adopt);
+    }
+
+    #[test]
+    fn wallabag_gets_no_redis() {
+        let reading = read(
+            "wallabag",
+            &annotations(&[
+                ("hearth.dev/postgres", "true"),
+                ("hearth.dev/redis", "true"),
+                ("hearth.dev/profile", "wallabag"),
+            ]),
+            &[],
+        );
+        assert!(reading.invalid.is_empty());
+        assert!(reading.redis_refused);
+        assert_eq!(reading.desired.redis, None);
+        assert!(reading.desired.postgres.is_some());
     }
 
     #[test]

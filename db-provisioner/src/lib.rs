@@ -3,15 +3,20 @@
 //! namespace.
 //!
 //! The reconcile pipeline: fetch (the Namespace and what is already there) → validate
-//! ([`desired`], pure) → build ([`secret`], pure) → apply ([`postgres`], [`redis`], server-side
-//! apply of the Secret) → report (Events, annotations, metrics), in [`controller`].
+//! ([`desired`], pure) → build ([`secret`], pure) → apply ([`provision`] with [`postgres`],
+//! [`allocation`] and [`redis`]; [`finalize`] for opt-out and deletion) → report ([`report`],
+//! annotations, metrics), orchestrated by [`controller`].
 
+pub mod allocation;
 pub mod controller;
 pub mod credentials;
 pub mod desired;
+pub mod finalize;
 pub mod metrics;
 pub mod postgres;
+pub mod provision;
 pub mod redis;
+pub mod report;
 pub mod secret;
 pub mod store;
 
@@ -101,6 +106,22 @@ pub enum Error {
     },
     #[error("PostgreSQL is unavailable: {0}")]
     PostgresUnavailable(String),
+    #[error(
+        "hearth's admin {admin} lacks the ADMIN option on PostgreSQL role {role}, which \
+         PostgreSQL 16 and later need before the role can be changed (its password, its LOGIN, \
+         or adoption); as a superuser run: GRANT \"{role}\" TO \"{admin}\" WITH ADMIN OPTION"
+    )]
+    AdminOptionMissing { role: String, admin: String },
+    #[error(
+        "PostgreSQL database {database} is owned by role {owner}, which hearth's admin cannot act \
+         for, so it cannot be given back to role {database}; as a superuser run: ALTER DATABASE \
+         \"{database}\" OWNER TO \"{database}\""
+    )]
+    OwnerUnmanageable { database: String, owner: String },
+    #[error("the namespace's PostgreSQL data cannot be dropped yet: {0}")]
+    DropBlocked(String),
+    #[error("{0}")]
+    RenameRefused(String),
     #[error("PostgreSQL refused to {action}: {detail}")]
     Postgres {
         action: &'static str,
@@ -131,15 +152,23 @@ impl Error {
             Self::RedisIndexExhausted => "RedisIndexExhausted",
             Self::Kube { .. } => "KubernetesError",
             Self::PostgresUnavailable(_) => "PostgresUnavailable",
+            Self::AdminOptionMissing { .. } => "AdminOptionMissing",
+            Self::OwnerUnmanageable { .. } => "DatabaseOwnerUnmanageable",
+            Self::DropBlocked(_) => "DropBlocked",
+            Self::RenameRefused(_) => "RenameRefused",
             Self::Postgres { .. } => "PostgresError",
             Self::RedisUnavailable(_) => "RedisUnavailable",
             Self::Redis { .. } => "RedisError",
         }
     }
 
-    /// Errors that only a change to the namespace can fix; the rest are retried with backoff.
+    /// Errors that only a change to the namespace can fix; the rest are retried with backoff
+    /// (and every namespace is checked again each resync anyway).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::InvalidAnnotations(_) | Self::Invalid(_))
+        matches!(
+            self,
+            Self::InvalidAnnotations(_) | Self::Invalid(_) | Self::RenameRefused(_)
+        )
     }
 }
 

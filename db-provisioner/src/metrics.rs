@@ -1,7 +1,7 @@
 //! db-provisioner's metrics, registered in the process registry.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::Error;
@@ -11,6 +11,7 @@ pub struct Metrics {
     pub reconciles: IntCounterVec,
     pub errors: IntCounterVec,
     pub redis_indexes: IntGaugeVec,
+    pub redis_index_zero: IntGauge,
     pub reconcile_duration: Histogram,
     pub ddl_statements: IntCounter,
     pub redis_writes: IntCounter,
@@ -40,6 +41,10 @@ impl Metrics {
                 ),
                 &["state"],
             )?,
+            redis_index_zero: IntGauge::new(
+                "hearth_db_provisioner_redis_index_zero_allocated",
+                "1 while a namespace still holds Redis index 0, which every other app can reach.",
+            )?,
             reconcile_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "hearth_db_provisioner_reconcile_duration_seconds",
@@ -61,6 +66,7 @@ impl Metrics {
         registry.register(Box::new(metrics.reconciles.clone()))?;
         registry.register(Box::new(metrics.errors.clone()))?;
         registry.register(Box::new(metrics.redis_indexes.clone()))?;
+        registry.register(Box::new(metrics.redis_index_zero.clone()))?;
         registry.register(Box::new(metrics.reconcile_duration.clone()))?;
         registry.register(Box::new(metrics.ddl_statements.clone()))?;
         registry.register(Box::new(metrics.redis_writes.clone()))?;

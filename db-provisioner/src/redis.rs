@@ -4,7 +4,10 @@
 //! index, but an app that never sends SELECT works in database 0, and keys are not tied to a
 //! database. The ACL here is as tight as Redis 7 allows, and no tighter than that.
 
+use std::collections::HashMap;
+
 use hearth_runtime::Sensitive;
+use hearth_runtime::annotations::RedisRequest;
 use prometheus::IntCounter;
 use redis::aio::MultiplexedConnection;
 
@@ -13,6 +16,22 @@ use crate::credentials::redis_password_hash;
 
 /// The key in each allocated database that names the namespace owning it.
 pub const SENTINEL_KEY: &str = "__hearth:owner";
+
+/// What an app's ACL user may run, in Redis's rule syntax, applied left to right:
+/// - everything but `@dangerous` (FLUSHALL, CONFIG, DEBUG, SWAPDB, …), yet `INFO`, which BullMQ
+///   sends on connect (it shows server-wide statistics and every index's key count);
+/// - not `MOVE` or `COPY`, which write into other indexes;
+/// - not what reaches other apps through the whole server: flushing the script cache, loading,
+///   deleting, flushing or restoring functions, and client-side tracking (whose BCAST mode
+///   would send it the names of keys other apps write);
+/// - `SELECT` of no index; [`own_index_rule`] then allows its own.
+pub const APP_RULES: &str = "+@all -@dangerous +info -move -copy -script|flush \
+    -function|load -function|delete -function|flush -function|restore -client|tracking -select";
+
+/// The rule that lets an app's user `SELECT` its own index, and only that one.
+fn own_index_rule(index: u8) -> String {
+    format!("+select|{index}")
+}
 
 pub struct RedisAdmin {
     client: redis::Client,
@@ -58,32 +77,32 @@ impl RedisAdmin {
         &self.writes
     }
 
-    /// Creates or resets the app's ACL user: its password (as a hash), all keys and channels,
-    /// no dangerous commands, no MOVE or COPY, and SELECT of its own index only.
+    /// Creates or resets the app's ACL user: its passwords (as hashes; two while a rotation is
+    /// under way, so the Secret's keeps working until it is rewritten), all keys and channels,
+    /// and the commands of [`APP_RULES`] with SELECT of its own index only.
     pub async fn set_user(
         &self,
         session: &mut Session,
         user: &str,
-        password: &Sensitive<String>,
+        passwords: &[&Sensitive<String>],
         index: u8,
     ) -> Result<(), Error> {
-        let hash = redis_password_hash(password);
-        let select = format!("+select|{index}");
+        let hashes: Vec<Sensitive<String>> = passwords
+            .iter()
+            .map(|password| redis_password_hash(password))
+            .collect();
+        let mut command = redis::cmd("ACL");
+        command.arg("SETUSER").arg(user).arg("reset").arg("on");
+        for hash in &hashes {
+            command.arg(hash.expose());
+        }
+        command.arg("~*").arg("&*");
+        for rule in APP_RULES.split_whitespace() {
+            command.arg(rule);
+        }
+        command.arg(own_index_rule(index));
         self.counted().inc();
-        redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg(user)
-            .arg("reset")
-            .arg("on")
-            .arg(hash.expose())
-            .arg("~*")
-            .arg("&*")
-            .arg("+@all")
-            .arg("-@dangerous")
-            .arg("-move")
-            .arg("-copy")
-            .arg("-select")
-            .arg(&select)
+        command
             .query_async::<()>(&mut session.connection)
             .await
             // Redis may quote the rule that failed; the rule holds the password hash.
@@ -91,6 +110,39 @@ impl RedisAdmin {
                 action: "ACL SETUSER",
                 detail: format!("{:?}", e.kind()),
             })
+    }
+
+    /// Whether ACL user `user` exists and was made by hearth for `index`: it holds the hash of a
+    /// password hearth keeps, or (when the kept passwords were lost) it may SELECT exactly the
+    /// index allocated to it, which no user hearth did not make is given. `None`: no such user.
+    pub async fn user_is_ours(
+        &self,
+        session: &mut Session,
+        user: &str,
+        kept: &[&Sensitive<String>],
+        index: u8,
+    ) -> Result<Option<bool>, Error> {
+        let reply: Option<HashMap<String, redis::Value>> = redis::cmd("ACL")
+            .arg("GETUSER")
+            .arg(user)
+            .query_async(&mut session.connection)
+            .await
+            .map_err(redis_error("ACL GETUSER"))?;
+        let Some(reply) = reply else {
+            return Ok(None);
+        };
+        let field = |name: &str| reply.get(name).cloned().unwrap_or(redis::Value::Nil);
+        let hashes: Vec<String> = redis::from_redis_value(field("passwords")).unwrap_or_default();
+        let commands: String = redis::from_redis_value(field("commands")).unwrap_or_default();
+        let knows_password = kept.iter().any(|password| {
+            let hash = redis_password_hash(password);
+            hashes
+                .iter()
+                .any(|h| Some(h.as_str()) == hash.expose().strip_prefix('#'))
+        });
+        let own_index = own_index_rule(index);
+        let selects_its_index = commands.split(' ').any(|rule| rule == own_index);
+        Ok(Some(knows_password || selects_its_index))
     }
 
     pub async fn delete_user(&self, session: &mut Session, user: &str) -> Result<(), Error> {
@@ -104,8 +156,9 @@ impl RedisAdmin {
         Ok(())
     }
 
-    /// Writes the sentinel naming `namespace` into `index` unless one is there.
-    pub async fn claim(
+    /// Writes the sentinel naming `namespace` into `index`, replacing a wrong one: the
+    /// allocation record decides who owns an index, the sentinel only mirrors it.
+    pub async fn write_sentinel(
         &self,
         session: &mut Session,
         index: u8,
@@ -116,11 +169,9 @@ impl RedisAdmin {
         redis::cmd("SET")
             .arg(SENTINEL_KEY)
             .arg(namespace)
-            .arg("NX")
-            .query_async::<Option<String>>(&mut session.connection)
+            .query_async::<()>(&mut session.connection)
             .await
-            .map_err(redis_error("SET sentinel"))?;
-        Ok(())
+            .map_err(redis_error("SET sentinel"))
     }
 
     /// Empties `index`.
@@ -196,20 +247,21 @@ fn redis_error(action: &'static str) -> impl Fn(redis::RedisError) -> Error {
 ///
 /// `taken` is the authoritative allocation record; each candidate is also inspected in Redis,
 /// so an index whose sentinel names someone else is never handed out, and one holding keys
-/// without a sentinel goes only to an explicit claim.
+/// without a sentinel goes only to an explicit claim. Index 0 is never handed out: every
+/// connection starts there, so every other app's user could reach it.
 pub async fn choose_index(
     session: &mut Session,
     namespace: &str,
-    request: hearth_runtime::annotations::RedisRequest,
+    request: RedisRequest,
     databases: u8,
     taken: &(dyn Fn(u8) -> Option<String> + Sync),
 ) -> Result<Option<u8>, Error> {
-    use hearth_runtime::annotations::RedisRequest;
     match request {
         RedisRequest::Claim(index) => {
-            if index >= databases {
+            if index == 0 || index >= databases {
                 return Err(Error::Invalid(format!(
-                    "hearth.dev/redis claims index {index}, but this Redis has databases 0 to {}",
+                    "hearth.dev/redis claims index {index}, but this Redis has databases 1 to {} \
+                     to give out (0 is never given out)",
                     databases.saturating_sub(1)
                 )));
             }
@@ -226,7 +278,7 @@ pub async fn choose_index(
             }
         }
         RedisRequest::NextFree => {
-            for index in 0..databases {
+            for index in 1..databases {
                 if taken(index).is_some() {
                     continue;
                 }
@@ -239,4 +291,23 @@ pub async fn choose_index(
             Ok(None)
         }
     }
+}
+
+/// The index above 0 whose sentinel names `namespace` and that no one else is allocated: where
+/// an admin's `SWAPDB 0 N` moved the data of a namespace that still has index 0.
+pub async fn moved_from_zero(
+    session: &mut Session,
+    namespace: &str,
+    databases: u8,
+    taken: &(dyn Fn(u8) -> Option<String> + Sync),
+) -> Result<Option<u8>, Error> {
+    for index in 1..databases {
+        if taken(index).is_some_and(|owner| owner != namespace) {
+            continue;
+        }
+        if session.inspect(index).await?.0.as_deref() == Some(namespace) {
+            return Ok(Some(index));
+        }
+    }
+    Ok(None)
 }

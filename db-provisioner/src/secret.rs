@@ -146,11 +146,7 @@ pub fn render(
                 );
                 put("SYMFONY__ENV__DATABASE_CHARSET", "utf8".into());
             }
-            if let Some(r) = redis {
-                put("SYMFONY__ENV__REDIS_HOST", r.host.to_owned());
-                put("SYMFONY__ENV__REDIS_PORT", r.port.to_string());
-                put("SYMFONY__ENV__REDIS_PASSWORD", r.password.expose().clone());
-            }
+            // No Redis keys: wallabag 2.6 could only log in as Redis's `default` user.
         }
         Profile::Miniflux => {
             if let Some(pg) = postgres {
@@ -159,6 +155,15 @@ pub fn render(
             }
         }
         Profile::Immich => {
+            // What immich's server reads (server/src/repositories/config.repository.ts); never
+            // DB_URL or REDIS_URL, which would override these and (for Redis) mean ioredis://.
+            if let Some(pg) = postgres {
+                put("DB_HOSTNAME", pg.host.to_owned());
+                put("DB_PORT", pg.port.to_string());
+                put("DB_DATABASE_NAME", pg.database.to_owned());
+                put("DB_USERNAME", pg.username.to_owned());
+                put("DB_PASSWORD", pg.password.expose().clone());
+            }
             if let Some(r) = redis {
                 put("REDIS_HOSTNAME", r.host.to_owned());
                 put("REDIS_PORT", r.port.to_string());
@@ -285,7 +290,8 @@ mod tests {
         let wallabag = render_with(Profile::Wallabag, "pg");
         assert_eq!(wallabag["SYMFONY__ENV__DATABASE_DRIVER"], "pdo_pgsql");
         assert_eq!(wallabag["SYMFONY__ENV__DATABASE_CHARSET"], "utf8");
-        assert_eq!(wallabag.len(), 10);
+        assert_eq!(wallabag.len(), 7);
+        assert!(!wallabag.keys().any(|k| k.contains("REDIS")));
 
         let miniflux = render_with(Profile::Miniflux, "pg");
         assert_eq!(
@@ -302,6 +308,11 @@ mod tests {
         assert_eq!(
             keys(&immich),
             [
+                "DB_DATABASE_NAME",
+                "DB_HOSTNAME",
+                "DB_PASSWORD",
+                "DB_PORT",
+                "DB_USERNAME",
                 "REDIS_DBINDEX",
                 "REDIS_HOSTNAME",
                 "REDIS_PASSWORD",
@@ -325,6 +336,8 @@ mod tests {
         };
         let data = render(Profile::Generic, Some(&pg), None);
         assert!(!data.keys().any(|k| k.starts_with("redis")));
-        assert!(render(Profile::Immich, Some(&pg), None).is_empty());
+        let immich = render(Profile::Immich, Some(&pg), None);
+        assert_eq!(immich["DB_USERNAME"], "u");
+        assert!(!immich.keys().any(|k| k.starts_with("REDIS")));
     }
 }

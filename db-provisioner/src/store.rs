@@ -117,10 +117,56 @@ fn parse(map: &ConfigMap) -> Allocation {
 /// What is kept for one app namespace.
 #[derive(Clone, Debug, Default)]
 pub struct Credentials {
+    /// The passwords the servers accept and the app's Secret carries.
     pub postgres_password: Option<Sensitive<String>>,
     pub redis_password: Option<Sensitive<String>>,
     /// The `hearth.dev/rotate` value last carried out.
     pub rotation: Option<String>,
+    /// A rotation under way: its new passwords are stored here before any server sees them,
+    /// and become the current ones once their server has taken them.
+    pub next_postgres_password: Option<Sensitive<String>>,
+    pub next_redis_password: Option<Sensitive<String>>,
+    pub next_rotation: Option<String>,
+}
+
+impl Credentials {
+    /// The Secret's keys, in one place for reading and writing.
+    fn fields(&mut self) -> [(&'static str, &mut Option<Sensitive<String>>); 4] {
+        [
+            ("postgres-password", &mut self.postgres_password),
+            ("redis-password", &mut self.redis_password),
+            ("postgres-password-next", &mut self.next_postgres_password),
+            ("redis-password-next", &mut self.next_redis_password),
+        ]
+    }
+
+    /// Whether a rotation has passwords waiting for a server.
+    pub fn rotating(&self) -> bool {
+        self.next_postgres_password.is_some() || self.next_redis_password.is_some()
+    }
+
+    /// PostgreSQL took the staged password: it is the current one now.
+    pub fn promote_postgres(&mut self) {
+        if let Some(next) = self.next_postgres_password.take() {
+            self.postgres_password = Some(next);
+        }
+        self.finish_rotation();
+    }
+
+    /// Redis took the staged password: it is the current one now.
+    pub fn promote_redis(&mut self) {
+        if let Some(next) = self.next_redis_password.take() {
+            self.redis_password = Some(next);
+        }
+        self.finish_rotation();
+    }
+
+    /// Records the rotation as done once no staged password is left.
+    pub fn finish_rotation(&mut self) {
+        if !self.rotating() && self.next_rotation.is_some() {
+            self.rotation = self.next_rotation.take();
+        }
+    }
 }
 
 pub struct CredentialStore {
@@ -150,33 +196,37 @@ impl CredentialStore {
                 data.get(key)
                     .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
             };
-            Credentials {
-                postgres_password: text("postgres-password").map(Sensitive::new),
-                redis_password: text("redis-password").map(Sensitive::new),
+            let mut credentials = Credentials {
                 rotation: text("rotation"),
+                next_rotation: text("rotation-next"),
+                ..Credentials::default()
+            };
+            for (key, field) in credentials.fields() {
+                *field = text(key).map(Sensitive::new);
             }
+            credentials
         }))
     }
 
     pub async fn save(&self, namespace: &str, credentials: &Credentials) -> Result<(), Error> {
+        let mut credentials = credentials.clone();
         let mut data = BTreeMap::new();
-        let mut put = |key: &str, value: Option<&String>| {
+        for (key, value) in [
+            ("rotation", credentials.rotation.clone()),
+            ("rotation-next", credentials.next_rotation.clone()),
+        ] {
             if let Some(value) = value {
-                data.insert(key.to_owned(), ByteString(value.clone().into_bytes()));
+                data.insert(key.to_owned(), ByteString(value.into_bytes()));
             }
-        };
-        put(
-            "postgres-password",
-            credentials
-                .postgres_password
-                .as_ref()
-                .map(Sensitive::expose),
-        );
-        put(
-            "redis-password",
-            credentials.redis_password.as_ref().map(Sensitive::expose),
-        );
-        put("rotation", credentials.rotation.as_ref());
+        }
+        for (key, field) in credentials.fields() {
+            if let Some(value) = field {
+                data.insert(
+                    key.to_owned(),
+                    ByteString(value.expose().clone().into_bytes()),
+                );
+            }
+        }
         let name = credentials_name(namespace);
         let secret = json!({
             "apiVersion": "v1",

@@ -41,7 +41,7 @@ async fn eight_concurrent_reconciles_make_one_role_and_one_database() {
         .collect();
     let creators = outcomes
         .iter()
-        .filter(|changes| changes.contains(&PostgresChange::CreatedRole))
+        .filter(|changes| changes.contains(&PostgresChange::RoleCreated))
         .count();
     assert_eq!(creators, 1, "{outcomes:?}");
     assert_eq!(outcomes.iter().filter(|c| c.is_empty()).count(), 7);
@@ -81,7 +81,7 @@ async fn eight_concurrent_reconciles_make_one_role_and_one_database() {
     let refused = admin.ensure(&theirs).await.unwrap_err();
     assert_eq!(refused.reason(), "Conflict");
     assert!(
-        refused.to_string().contains("not this namespace's"),
+        refused.to_string().contains("belongs to namespace race"),
         "{refused}"
     );
     assert_eq!(ddl.get(), before);

@@ -31,6 +31,8 @@ pub struct Stack {
     pub postgres: PostgresServer,
     pub redis: RedisServer,
     pub admin_url: String,
+    /// The PostgreSQL major version the tests run on (15 or 16, see `HEARTH_POSTGRES_BINDIR`).
+    pub pg_major: u32,
     kubeconfig: PathBuf,
     _dir: TempDir,
 }
@@ -63,12 +65,14 @@ impl Stack {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).unwrap();
+        let pg_major = postgres.major_version().await.unwrap();
         let stack = Self {
             api,
             client,
             postgres,
             redis,
             admin_url,
+            pg_major,
             kubeconfig,
             _dir: dir,
         };
@@ -155,6 +159,52 @@ impl Stack {
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(namespace))
             .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
             .collect()
+    }
+
+    /// Every Event about a namespace, as (type, reason, action, note).
+    pub async fn events_in_full(&self, namespace: &str) -> Vec<(String, String, String, String)> {
+        self.events()
+            .await
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(namespace))
+            .map(|e| {
+                (
+                    e.type_.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.action.unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits for an Event with `reason` about a namespace; its note.
+    pub async fn wait_for_event(&self, namespace: &str, reason: &str) -> String {
+        eventually(
+            &format!("an Event {reason} about {namespace}"),
+            Duration::from_secs(30),
+            || async {
+                self.events_about(namespace)
+                    .await
+                    .into_iter()
+                    .find(|(r, _)| r == reason)
+                    .map(|(_, note)| note)
+            },
+        )
+        .await
+    }
+
+    /// Whether the server has an extension's files installed.
+    pub async fn extension_installed(&self, name: &str) -> bool {
+        self.superuser()
+            .await
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_available_extensions WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0)
     }
 
     pub async fn superuser(&self) -> tokio_postgres::Client {
