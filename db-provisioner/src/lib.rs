@@ -109,7 +109,8 @@ pub enum Error {
     #[error(
         "hearth's admin {admin} lacks the ADMIN option on PostgreSQL role {role}, which \
          PostgreSQL 16 and later need before the role can be changed (its password, its LOGIN, \
-         or adoption); as a superuser run: GRANT \"{role}\" TO \"{admin}\" WITH ADMIN OPTION"
+         or adoption); as a superuser run: GRANT \"{role}\" TO \"{admin}\" WITH ADMIN TRUE, INHERIT FALSE, SET TRUE \
+         (the ADMIN option, without inheriting the app's privileges)"
     )]
     AdminOptionMissing { role: String, admin: String },
     #[error(

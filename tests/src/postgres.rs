@@ -221,7 +221,10 @@ fn find_bin_dir() -> Result<PathBuf, HarnessError> {
             .iter()
             .all(|b| dir.join(b).is_file())
     };
-    if let Some(dir) = std::env::var_os(BINDIR_VARIABLE).map(PathBuf::from) {
+    if let Some(dir) = std::env::var_os(BINDIR_VARIABLE)
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+    {
         return if complete(&dir) {
             Ok(dir)
         } else {

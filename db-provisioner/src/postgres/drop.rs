@@ -174,7 +174,7 @@ impl PostgresAdmin {
             blockers.push(format!(
                 "hearth's admin {} lacks the ADMIN option on role {name}, which PostgreSQL 16 and \
                  later need to drop it; as a superuser run: GRANT {quoted} TO {admin_name} WITH \
-                 ADMIN OPTION",
+                 ADMIN TRUE, INHERIT FALSE, SET TRUE",
                 admin.name
             ));
         }

@@ -114,9 +114,10 @@ impl PostgresChange {
             ),
             Self::AdminStillInherits { admin } => format!(
                 "hearth's admin {admin} still inherits the privileges of role {name}, so it can \
-                 read the app's tables, through a grant hearth did not make (createrole_self_grant \
-                 with inherit?). As a superuser run: ALTER ROLE {admin} RESET \
-                 createrole_self_grant; REVOKE INHERIT OPTION FOR {name} FROM {admin}"
+                 read the app's tables, through a grant hearth did not make (a superuser's, or \
+                 createrole_self_grant with inherit). As a superuser run: GRANT \"{name}\" TO \
+                 \"{admin}\" WITH INHERIT FALSE; and if it is set: ALTER ROLE \"{admin}\" RESET \
+                 createrole_self_grant"
             ),
             Self::ExtensionCreated(extension) => {
                 format!("created extension {extension} in database {name}")
@@ -284,13 +285,12 @@ impl PostgresAdmin {
         if adopting {
             statements.push(&comment);
         }
+        // Made a member that can act as the role, without inheriting its privileges.
+        if !admin.superuser && (!facts.settable || facts.own_grant_inherits) {
+            statements.push(&membership);
+        }
         if !statements.is_empty() && admin.needs_admin_option() && !facts.admin_option {
             return Err(admin.admin_option_missing(plan.name));
-        }
-        // Made a member that can act as the role, without inheriting its privileges.
-        let regrant = !admin.superuser && (!facts.settable || facts.own_grant_inherits);
-        if regrant {
-            statements.push(&membership);
         }
         if !statements.is_empty() {
             let action = if adopting {
