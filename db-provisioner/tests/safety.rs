@@ -412,6 +412,45 @@ async fn a_drop_that_would_stop_half_way_drops_nothing_and_says_why() {
         "held by the finalizer"
     );
 
+    // Released the other way the Event offers for a second one: keep the data instead.
+    stack
+        .annotate(
+            "ledger-kept",
+            &[
+                ("hearth.dev/postgres", Some("true")),
+                ("hearth.dev/deletion-policy", Some("drop")),
+            ],
+        )
+        .await;
+    secret_ready(&stack, "ledger-kept").await;
+    su.batch_execute("GRANT SELECT ON shared_report TO ledger_kept")
+        .await
+        .unwrap();
+    namespaces
+        .delete("ledger-kept", &DeleteParams::default())
+        .await
+        .unwrap();
+    stack.wait_for_event("ledger-kept", "DropBlocked").await;
+    stack
+        .annotate(
+            "ledger-kept",
+            &[("hearth.dev/deletion-policy", Some("retain"))],
+        )
+        .await;
+    eventually("the kept namespace gone", WAIT, || async {
+        stack.namespace("ledger-kept").await.is_none().then_some(())
+    })
+    .await;
+    let kept: i64 = su
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = 'ledger_kept'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1, "retain keeps the database");
+
     su.batch_execute("REVOKE SELECT ON shared_report FROM ledger")
         .await
         .unwrap();
