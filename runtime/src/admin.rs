@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
+use crate::http::{self, ConnectionMetrics, Limits};
 
 /// Readiness as a set of named gates: `/readyz` answers 200 only once every registered gate has
 /// opened (first watch sync, first database connection, …). With no gates it is ready at once.
@@ -105,11 +106,23 @@ impl AdminServer {
         self.listener.local_addr().map_err(Error::AdminServe)
     }
 
-    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .map_err(Error::AdminServe)
+    /// Serves until `shutdown`, within the admin limits (a slow or idle client cannot hold it).
+    pub async fn serve(
+        self,
+        connections: ConnectionMetrics,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        http::serve(
+            "admin",
+            self.listener,
+            self.router,
+            Limits::ADMIN,
+            http::plain,
+            connections,
+            shutdown,
+        )
+        .await;
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod annotations;
 pub mod events;
+pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod options;
@@ -50,6 +51,8 @@ pub struct Process {
     pub readiness: Readiness,
     pub shutdown: Shutdown,
     pub admin_addr: SocketAddr,
+    /// Connection counts of every listener the process serves.
+    pub connections: http::ConnectionMetrics,
 }
 
 impl Process {
@@ -60,19 +63,24 @@ impl Process {
     ) -> Result<Self, Error> {
         telemetry::init(options.log_format, &options.rust_log)?;
         let registry = metrics::registry(service, version)?;
+        let connections = http::ConnectionMetrics::register(&registry)?;
         let readiness = Readiness::default();
         let shutdown = Shutdown::new(shutdown::DEFAULT_DRAIN);
         shutdown.listen_for_signals()?;
         let admin =
             AdminServer::bind(options.admin_addr, readiness.clone(), registry.clone()).await?;
         let admin_addr = admin.local_addr()?;
-        shutdown.spawn("admin-server", admin.serve(shutdown.token()));
+        shutdown.spawn(
+            "admin-server",
+            admin.serve(connections.clone(), shutdown.token()),
+        );
         tracing::info!(service, version, admin = %admin_addr, pod = %options.pod_name, "started");
         Ok(Self {
             registry,
             readiness,
             shutdown,
             admin_addr,
+            connections,
         })
     }
 
