@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -17,6 +17,7 @@ use crate::bridge::{Bridge, BridgeError, Caller};
 use crate::crypto::AccessToken;
 use crate::metrics::Metrics;
 use crate::upstream::SecretWrite;
+use crate::upstreams::{AllowList, UpstreamUrl};
 
 pub const DEFAULT_API_URL: &str = "https://api.bitwarden.com";
 pub const DEFAULT_IDENTITY_URL: &str = "https://identity.bitwarden.com";
@@ -26,9 +27,9 @@ const MAX_BODY: usize = 256 * 1024;
 const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(8);
 
 pub struct ApiState {
-    pub bridge: Bridge,
-    /// URL prefixes a request may name as its API or identity server.
-    pub allowed_upstreams: Vec<String>,
+    pub bridge: Arc<Bridge>,
+    /// The Bitwarden servers a request may name as its API or identity server.
+    pub allowed_upstreams: AllowList,
     pub metrics: Metrics,
 }
 
@@ -72,7 +73,14 @@ async fn count_requests(
             "/live" => "live",
             _ => "other",
         });
-    let method = request.method().as_str().to_owned();
+    // Labels come from fixed sets only: a client can invent methods, not series.
+    let method = match *request.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        _ => "other",
+    };
     let response = match tokio::time::timeout(REQUEST_DEADLINE, next.run(request)).await {
         Ok(response) => response,
         Err(_) => failure(
@@ -141,46 +149,58 @@ struct Data<T> {
     data: T,
 }
 
-fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
-    headers
-        .get(name)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .trim()
+/// A header's text, trimmed; `Ok("")` when absent. A value that is not visible ASCII is an
+/// error, never taken as empty: a stray non-breaking space in a self-hosted store's URL must not
+/// send its credentials to Bitwarden's cloud.
+fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Result<&'h str, Failure> {
+    match headers.get(name) {
+        None => Ok(""),
+        Some(value) => value.to_str().map(str::trim).map_err(|_| {
+            failure(
+                StatusCode::BAD_REQUEST,
+                &format!("the {name} header is not plain ASCII text; check for stray characters"),
+            )
+        }),
+    }
+}
+
+/// The Bitwarden server a Warden URL header names (Bitwarden's cloud when empty), if the
+/// allow-list lets requests go there.
+fn upstream(
+    state: &ApiState,
+    headers: &HeaderMap,
+    name: &str,
+    default: &str,
+) -> Result<String, Failure> {
+    let given = header_text(headers, name)?;
+    let text = if given.is_empty() { default } else { given };
+    let url = UpstreamUrl::parse(text).map_err(|why| {
+        failure(
+            StatusCode::BAD_REQUEST,
+            &format!("the {name} header is not a usable URL: {why}"),
+        )
+    })?;
+    if !state.allowed_upstreams.allows(&url) {
+        return Err(failure(
+            StatusCode::FORBIDDEN,
+            &format!("upstream URL not allowed: {url} (see ALLOWED_UPSTREAMS)"),
+        ));
+    }
+    Ok(url.to_string())
 }
 
 /// Reads the Warden headers and logs in (or finds the session), before the body is read, as
 /// the SDK server does.
 async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, Failure> {
-    let token_text = header_text(headers, "warden-access-token");
+    let token_text = header_text(headers, "warden-access-token")?;
     if token_text.is_empty() {
         return Err(failure(
             StatusCode::UNAUTHORIZED,
             "Missing Warden access token",
         ));
     }
-    let url = |name: &str, default: &str| {
-        let given = header_text(headers, name).trim_end_matches('/');
-        if given.is_empty() {
-            default.to_owned()
-        } else {
-            given.to_owned()
-        }
-    };
-    let identity_url = url("warden-identity-url", DEFAULT_IDENTITY_URL);
-    let api_url = url("warden-api-url", DEFAULT_API_URL);
-    for upstream in [&identity_url, &api_url] {
-        if !state
-            .allowed_upstreams
-            .iter()
-            .any(|prefix| upstream.starts_with(prefix.as_str()))
-        {
-            return Err(failure(
-                StatusCode::FORBIDDEN,
-                &format!("upstream URL not allowed: {upstream} (see ALLOWED_UPSTREAMS)"),
-            ));
-        }
-    }
+    let identity_url = upstream(state, headers, "warden-identity-url", DEFAULT_IDENTITY_URL)?;
+    let api_url = upstream(state, headers, "warden-api-url", DEFAULT_API_URL)?;
     let token: AccessToken = token_text.parse().map_err(|error| {
         failure(
             StatusCode::BAD_REQUEST,

@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod metrics;
 pub mod tls;
 pub mod upstream;
+pub mod upstreams;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,9 +21,21 @@ use std::time::Duration;
 
 use clap::Parser;
 use hearth_runtime::options::parse_duration;
-use hearth_runtime::{CommonOptions, Process};
+use hearth_runtime::{CommonOptions, Process, http};
 
 pub const SERVICE: &str = "secret-bridge";
+
+/// The API listener's limits: room for ESO's few connections and for a burst of strangers
+/// beside them, each held at most five seconds before its request (as the SDK server's Go
+/// `ReadTimeout`), headers in 16 KiB.
+const API_LIMITS: http::Limits = http::Limits {
+    max_connections: 512,
+    handshake_timeout: Duration::from_secs(5),
+    request_head_timeout: Duration::from_secs(5),
+    max_header_bytes: 16 * 1024,
+};
+/// How often idle sessions and expired data are swept (sooner when `CACHE_TTL` is shorter).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Parser)]
 #[command(name = SERVICE, version, about = "Drop-in HTTPS replacement for the Bitwarden SDK server that External Secrets Operator talks to")]
@@ -94,14 +107,29 @@ pub async fn run(options: Options) -> Result<(), Error> {
         options.upstream_ca_file.as_deref(),
         options.upstream_timeout,
     )?;
+    let allowed_upstreams =
+        upstreams::AllowList::parse(&options.allowed_upstreams).map_err(Error::Config)?;
+    let bridge = Arc::new(bridge::Bridge::new(
+        upstream,
+        options.cache_ttl,
+        metrics.clone(),
+    ));
+    let sweeping = Arc::clone(&bridge);
+    let every = options
+        .cache_ttl
+        .clamp(Duration::from_secs(1), SWEEP_INTERVAL);
+    let token = process.shutdown.token();
+    process.shutdown.spawn("sweeper", async move {
+        loop {
+            tokio::select! {
+                () = token.cancelled() => return Ok(()),
+                () = tokio::time::sleep(every) => sweeping.sweep(),
+            }
+        }
+    });
     let state = Arc::new(api::ApiState {
-        bridge: bridge::Bridge::new(upstream, options.cache_ttl, metrics.clone()),
-        allowed_upstreams: options
-            .allowed_upstreams
-            .iter()
-            .map(|prefix| prefix.trim().to_owned())
-            .filter(|prefix| !prefix.is_empty())
-            .collect(),
+        bridge,
+        allowed_upstreams,
         metrics,
     });
     let tls = match (
@@ -156,8 +184,35 @@ pub async fn run(options: Options) -> Result<(), Error> {
     tracing::info!(listen = %options.listen_addr, tls = tls.is_some(), "serving the Bitwarden SDK API");
     let router = api::router(state);
     let token = process.shutdown.token();
+    let connections = process.connections.clone();
     process.shutdown.spawn("api-server", async move {
-        tls::serve(listener, tls, router, token).await;
+        match tls {
+            Some(acceptor) => {
+                let handshake = move |tcp| acceptor.clone().accept(tcp);
+                http::serve(
+                    "api",
+                    listener,
+                    router,
+                    API_LIMITS,
+                    handshake,
+                    connections,
+                    token,
+                )
+                .await;
+            }
+            None => {
+                http::serve(
+                    "api",
+                    listener,
+                    router,
+                    API_LIMITS,
+                    http::plain,
+                    connections,
+                    token,
+                )
+                .await;
+            }
+        }
         Ok(())
     });
     process.run_until_shutdown().await?;

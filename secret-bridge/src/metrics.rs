@@ -13,6 +13,7 @@ pub struct Metrics {
     pub rate_limited: IntCounter,
     pub cache: IntCounterVec,
     pub sessions: IntGauge,
+    pub cached_secrets: IntGauge,
 }
 
 impl Metrics {
@@ -59,6 +60,10 @@ impl Metrics {
                 "hearth_secret_bridge_sessions",
                 "Access tokens with a session held.",
             )?,
+            cached_secrets: IntGauge::new(
+                "hearth_secret_bridge_cached_secrets",
+                "Secret values held in memory for CACHE_TTL, as of the last sweep.",
+            )?,
         };
         registry.register(Box::new(metrics.requests.clone()))?;
         registry.register(Box::new(metrics.upstream_calls.clone()))?;
@@ -67,6 +72,7 @@ impl Metrics {
         registry.register(Box::new(metrics.rate_limited.clone()))?;
         registry.register(Box::new(metrics.cache.clone()))?;
         registry.register(Box::new(metrics.sessions.clone()))?;
+        registry.register(Box::new(metrics.cached_secrets.clone()))?;
         for result in ["hit", "miss"] {
             metrics.cache.with_label_values(&[result]);
         }

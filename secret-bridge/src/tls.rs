@@ -1,19 +1,14 @@
-//! Serving: plain HTTP for development (`INSECURE=true`), or TLS ≥ 1.2 over HTTP/1.1 with a
+//! TLS ≥ 1.2 over HTTP/1.1 (or plain HTTP for development, `INSECURE=true`), with a
 //! certificate from files that is reloaded when the files change.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use axum::Router;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -21,8 +16,6 @@ use crate::Error;
 
 /// How often the certificate files are checked for a change.
 const RELOAD_CHECK: Duration = Duration::from_secs(2);
-/// How long open connections get to finish after shutdown.
-const CONNECTION_DRAIN: Duration = Duration::from_secs(10);
 
 /// Loads a certificate chain and its key from PEM files.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Error> {
@@ -115,58 +108,5 @@ pub async fn reload_on_change(
                 tracing::warn!(%error, "the new TLS certificate could not be loaded; keeping the old one")
             }
         }
-    }
-}
-
-/// Accepts connections until shutdown, then lets open ones finish (bounded).
-pub async fn serve(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    router: Router,
-    shutdown: CancellationToken,
-) {
-    let graceful = GracefulShutdown::new();
-    let http = hyper::server::conn::http1::Builder::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let service = TowerToHyperService::new(router.clone());
-        match &tls {
-            None => {
-                let connection = http.serve_connection(TokioIo::new(stream), service);
-                tokio::spawn(graceful.watch(connection));
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let http = http.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(stream)) => {
-                            let connection = http.serve_connection(TokioIo::new(stream), service);
-                            let _ = watcher.watch(connection).await;
-                        }
-                        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
-                    }
-                });
-            }
-        }
-    }
-    if tokio::time::timeout(CONNECTION_DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain; closing them");
     }
 }

@@ -73,7 +73,7 @@ pub struct SecretWrite<'a> {
 }
 
 /// The upstream said no, or could not be reached in time.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum UpstreamError {
     /// An HTTP answer other than 2xx: its status and (cut) body.
     Status {
@@ -103,6 +103,7 @@ impl std::fmt::Display for UpstreamError {
     }
 }
 
+#[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
@@ -164,7 +165,7 @@ impl Upstream {
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+                .map(held_for);
             let body = Limited::new(response.into_body(), MAX_UPSTREAM_BODY)
                 .collect()
                 .await
@@ -219,7 +220,11 @@ impl Upstream {
         let bearer = answer["access_token"]
             .as_str()
             .ok_or_else(|| malformed("no access_token"))?;
-        let expires_in = answer["expires_in"].as_u64().unwrap_or(3600);
+        // A number from outside: kept between a minute and a day before any arithmetic.
+        let expires_in = answer["expires_in"]
+            .as_u64()
+            .unwrap_or(3600)
+            .clamp(60, 86_400);
         let payload: EncString = answer["encrypted_payload"]
             .as_str()
             .ok_or_else(|| malformed("no encrypted_payload"))?
@@ -229,27 +234,25 @@ impl Upstream {
             .key
             .decrypt(&payload)
             .map_err(|e| malformed(&format!("encrypted_payload: {e}")))?;
-        let payload: Value = serde_json::from_slice(&decrypted)
-            .map_err(|_| malformed("encrypted_payload is not JSON"))?;
+        // The key's text is read straight into a buffer that is wiped when dropped.
+        let payload: LoginPayload = serde_json::from_slice(&decrypted)
+            .map_err(|_| malformed("encrypted_payload holds no encryptionKey"))?;
+        let encryption_key = zeroize::Zeroizing::new(payload.encryption_key);
         let org_key = zeroize::Zeroizing::new(
             STANDARD
-                .decode(
-                    payload["encryptionKey"]
-                        .as_str()
-                        .ok_or_else(|| malformed("no encryptionKey"))?,
-                )
+                .decode(encryption_key.as_bytes())
                 .map_err(|_| malformed("encryptionKey is not base64"))?,
         );
         let key = SymmetricKey::from_bytes(&org_key).map_err(|e| malformed(&e.to_string()))?;
         let organization =
             jwt_organization(bearer).ok_or_else(|| malformed("the token names no organization"))?;
         // Renew five minutes early, or halfway through a token shorter than ten minutes.
-        let margin = Duration::from_secs(300.min(expires_in / 2));
+        let lifetime = Duration::from_secs(expires_in - 300.min(expires_in / 2));
         Ok(Session {
             bearer: Sensitive::new(bearer.to_owned()),
             organization,
             key,
-            renew_at: started + Duration::from_secs(expires_in) - margin,
+            renew_at: started.checked_add(lifetime).unwrap_or(started),
         })
     }
 
@@ -487,7 +490,19 @@ fn jwt_organization(jwt: &str) -> Option<String> {
 fn retry_hint(body: &str) -> Option<Duration> {
     let after = body.split("Try again in ").nth(1)?;
     let seconds: String = after.chars().take_while(char::is_ascii_digit).collect();
-    seconds.parse().ok().map(Duration::from_secs)
+    seconds.parse().ok().map(held_for)
+}
+
+/// A hold Bitwarden asks for, in seconds, kept within the longest hold the bridge honours.
+fn held_for(seconds: u64) -> Duration {
+    Duration::from_secs(seconds.min(crate::bridge::MAX_HOLD.as_secs()))
+}
+
+/// The decrypted login payload: only the organisation key is read.
+#[derive(serde::Deserialize)]
+struct LoginPayload {
+    #[serde(rename = "encryptionKey")]
+    encryption_key: String,
 }
 
 #[cfg(test)]

@@ -19,6 +19,15 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::HarnessError;
+use hearth_runtime::http::{self, ConnectionMetrics, Limits};
+
+/// The fake imposes nothing of its own: slowness is what a test injects.
+const LIMITS: Limits = Limits {
+    max_connections: 4096,
+    handshake_timeout: Duration::from_secs(60),
+    request_head_timeout: Duration::from_secs(60),
+    max_header_bytes: 64 * 1024,
+};
 
 /// An answer to give instead of the real one, once.
 #[derive(Clone, Debug)]
@@ -146,12 +155,20 @@ impl FakeBitwarden {
             .fallback(handle)
             .with_state(Arc::clone(&state));
         let scheme = if tls.is_some() { "https" } else { "http" };
-        tokio::spawn(secret_bridge::tls::serve(
-            listener,
-            tls,
-            router,
-            shutdown.clone(),
-        ));
+        let metrics = ConnectionMetrics::register(&prometheus::Registry::new())
+            .map_err(|e| HarnessError::Startup(e.to_string()))?;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            match tls {
+                Some(acceptor) => {
+                    let handshake = move |tcp| acceptor.clone().accept(tcp);
+                    http::serve("fake", listener, router, LIMITS, handshake, metrics, stop).await;
+                }
+                None => {
+                    http::serve("fake", listener, router, LIMITS, http::plain, metrics, stop).await;
+                }
+            }
+        });
         Ok(Self {
             addr,
             scheme,
