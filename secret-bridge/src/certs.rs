@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hearth_runtime::events::{EventPublisher, EventType};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use rcgen::{
@@ -29,12 +30,16 @@ const NOT_AFTER: &str = "hearth.dev/not-after";
 const CA_NOT_AFTER: &str = "hearth.dev/ca-not-after";
 const SANS: &str = "hearth.dev/sans";
 const CA_NAME: &str = "hearth secret-bridge CA";
+const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+const MANAGED_BY: &str = "hearth-secret-bridge";
 const CA_LIFETIME: time::Duration = time::Duration::days(3650);
 const LEAF_LIFETIME: time::Duration = time::Duration::days(365);
 /// A certificate with less than this left is replaced.
 const RENEW_BEFORE: time::Duration = time::Duration::days(30);
 /// How often the Secret is looked at again: for renewal, and for a renewal by another replica.
 const CHECK_EVERY: Duration = Duration::from_secs(3600);
+/// How long to wait before trying again when no certificate could be had at start.
+const RETRY_START: Duration = Duration::from_secs(30);
 
 /// The names a client may use for the bridge: its Service (and the SDK server's old name, for
 /// drop-in use behind a Service of that name), loopback, and any extra names given.
@@ -99,30 +104,93 @@ struct Material {
     not_after: OffsetDateTime,
 }
 
+/// Whether a Secret or ConfigMap carries the label hearth puts on what it makes.
+fn made_by_us(meta: &ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|labels| labels.get(MANAGED_BY_LABEL))
+        .is_some_and(|value| value == MANAGED_BY)
+}
+
 impl Material {
     fn from_secret(secret: &Secret) -> Option<Self> {
         let data = secret.data.as_ref()?;
         let text = |key: &str| String::from_utf8(data.get(key)?.0.clone()).ok();
-        let annotations = secret.metadata.annotations.as_ref()?;
+        let annotations = secret.metadata.annotations.as_ref();
+        let time = |key: &str| parse_time(annotations?.get(key));
         Some(Self {
             ca_cert: text("ca.crt")?,
             ca_key: text("ca.key")?,
             cert: text("tls.crt")?,
             key: text("tls.key")?,
-            ca_not_after: parse_time(annotations.get(CA_NOT_AFTER))?,
-            not_after: parse_time(annotations.get(NOT_AFTER))?,
+            // Only a hint for when to make a new CA; every check below reads the certificates.
+            ca_not_after: time(CA_NOT_AFTER).unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            not_after: time(NOT_AFTER).unwrap_or(OffsetDateTime::UNIX_EPOCH),
         })
     }
 
-    /// Still good for these names for more than the renewal margin.
-    fn usable(secret: &Secret, names: &[String]) -> Option<Self> {
-        let material = Self::from_secret(secret)?;
-        let sans = secret.metadata.annotations.as_ref()?.get(SANS)?;
-        let fresh = material.not_after - OffsetDateTime::now_utc() > RENEW_BEFORE;
-        (fresh && *sans == names.join(",")).then_some(material)
+    /// Checks the certificates themselves, not what the annotations say of them: the key is
+    /// the certificate's, the certificate chains to `ca.crt`, names every one of `names`, and
+    /// is still valid past the renewal margin. `Err` says what is wrong.
+    fn check(&self, names: &[String]) -> Result<(), String> {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls_pki_types::pem::PemObject;
+        let certified = self.certified_key().map_err(|e| e.to_string())?;
+        certified
+            .keys_match()
+            .map_err(|_| "tls.key is not the key of tls.crt".to_owned())?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in rustls_pki_types::CertificateDer::pem_slice_iter(self.ca_cert.as_bytes()) {
+            let ca = ca.map_err(|_| "ca.crt is not a PEM certificate".to_owned())?;
+            roots
+                .add(ca)
+                .map_err(|e| format!("ca.crt is not a usable CA certificate: {e}"))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("ca.crt: {e}"))?;
+        let (leaf, intermediates) = certified
+            .cert
+            .split_first()
+            .ok_or_else(|| "tls.crt holds no certificate".to_owned())?;
+        let margin = std::time::SystemTime::now()
+            .checked_add(Duration::from_secs(
+                u64::try_from(RENEW_BEFORE.whole_seconds()).unwrap_or(0),
+            ))
+            .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+            .ok_or_else(|| "the clock is out of range".to_owned())?;
+        let when = rustls_pki_types::UnixTime::since_unix_epoch(margin);
+        for name in names {
+            let server_name = rustls_pki_types::ServerName::try_from(name.as_str())
+                .map_err(|_| format!("{name:?} is not a DNS name or IP address"))?;
+            verifier
+                .verify_server_cert(leaf, intermediates, &server_name, &[], when)
+                .map_err(|e| {
+                    format!(
+                        "tls.crt does not serve {name} through the next {} days: {e}",
+                        RENEW_BEFORE.whole_days()
+                    )
+                })?;
+        }
+        Ok(())
     }
 
-    /// A new serving certificate, from the existing CA if it has years left, else a new CA.
+    /// A new serving certificate, from the existing CA if it has years left and its key
+    /// really signs for it, else from a new CA.
+    fn renew(previous: Option<&Self>, names: &[String]) -> Result<Self, Error> {
+        if let Some(previous) = previous
+            && let Ok(issued) = Self::issue(Some(previous), names)
+            && issued.check(names).is_ok()
+        {
+            return Ok(issued);
+        }
+        let issued = Self::issue(None, names)?;
+        issued.check(names).map_err(tls_error)?;
+        Ok(issued)
+    }
+
     fn issue(previous: Option<&Self>, names: &[String]) -> Result<Self, Error> {
         let now = OffsetDateTime::now_utc();
         let reusable = previous.filter(|p| p.ca_not_after - now > LEAF_LIFETIME + RENEW_BEFORE);
@@ -176,10 +244,10 @@ impl Material {
         .collect();
         let mut metadata = metadata;
         metadata.name = Some(SECRET_NAME.to_owned());
-        metadata.labels.get_or_insert_default().insert(
-            "app.kubernetes.io/managed-by".into(),
-            "hearth-secret-bridge".into(),
-        );
+        metadata
+            .labels
+            .get_or_insert_default()
+            .insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
         let annotations = metadata.annotations.get_or_insert_default();
         annotations.insert(NOT_AFTER.into(), rfc3339(self.not_after));
         annotations.insert(CA_NOT_AFTER.into(), rfc3339(self.ca_not_after));
@@ -207,6 +275,7 @@ impl Material {
 pub struct SelfManaged {
     secrets: Api<Secret>,
     config_maps: Api<ConfigMap>,
+    namespace: String,
     names: Vec<String>,
 }
 
@@ -215,6 +284,7 @@ impl SelfManaged {
         Self {
             secrets: Api::namespaced(client.clone(), namespace),
             config_maps: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
             names,
         }
     }
@@ -228,15 +298,27 @@ impl SelfManaged {
                 .get_opt(SECRET_NAME)
                 .await
                 .map_err(kube_error("read TLS Secret"))?;
-            if let Some(material) = current
-                .as_ref()
-                .and_then(|s| Material::usable(s, &self.names))
+            if let Some(secret) = &current
+                && !made_by_us(&secret.metadata)
             {
-                self.publish_ca(&material.ca_cert).await?;
-                return Ok(material);
+                return Err(self.foreign("Secret", SECRET_NAME));
             }
             let previous = current.as_ref().and_then(Material::from_secret);
-            let material = Material::issue(previous.as_ref(), &self.names)?;
+            match previous.as_ref().map(|m| m.check(&self.names)) {
+                Some(Ok(())) => {
+                    self.publish_ca(previous.as_ref().map_or("", |m| &m.ca_cert))
+                        .await?;
+                    return previous.ok_or_else(|| tls_error("unreachable"));
+                }
+                Some(Err(why)) => {
+                    tracing::warn!(reason = %why, "the TLS Secret's certificate cannot be served; issuing a new one");
+                }
+                None if current.is_some() => {
+                    tracing::warn!("the TLS Secret lacks a key or certificate; issuing a new one");
+                }
+                None => {}
+            }
+            let material = Material::renew(previous.as_ref(), &self.names)?;
             let written = match current {
                 None => {
                     let secret = material.secret(&self.names, ObjectMeta::default());
@@ -267,13 +349,35 @@ impl SelfManaged {
         ))
     }
 
+    fn foreign(&self, kind: &'static str, name: &'static str) -> Error {
+        Error::Foreign {
+            kind,
+            name,
+            namespace: self.namespace.clone(),
+        }
+    }
+
     async fn publish_ca(&self, ca_cert: &str) -> Result<(), Error> {
+        let existing = self
+            .config_maps
+            .get_opt(CA_CONFIG_MAP)
+            .await
+            .map_err(kube_error("read the CA ConfigMap"))?;
+        if let Some(existing) = existing {
+            if !made_by_us(&existing.metadata) {
+                return Err(self.foreign("ConfigMap", CA_CONFIG_MAP));
+            }
+            let published = existing.data.as_ref().and_then(|d| d.get("ca.crt"));
+            if published.map(String::as_str) == Some(ca_cert) {
+                return Ok(());
+            }
+        }
         let config_map = json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": {
                 "name": CA_CONFIG_MAP,
-                "labels": {"app.kubernetes.io/managed-by": "hearth-secret-bridge"},
+                "labels": {MANAGED_BY_LABEL: MANAGED_BY},
             },
             "data": {"ca.crt": ca_cert},
         });
@@ -286,6 +390,48 @@ impl SelfManaged {
             .await
             .map_err(kube_error("publish the CA"))?;
         Ok(())
+    }
+
+    /// Makes or loads the certificate, trying again every 30 s while it cannot (a foreign
+    /// Secret in the way, the API unreachable), with the cause in the log and in an Event on the
+    /// Secret; the API is not served meanwhile and /readyz says why. `None` on shutdown.
+    pub async fn start_when_possible(
+        &self,
+        events: &EventPublisher,
+        shutdown: &CancellationToken,
+    ) -> Option<(Arc<CurrentCertificate>, String)> {
+        loop {
+            match self.start().await {
+                Ok(started) => return Some(started),
+                Err(error) => {
+                    tracing::error!(%error, "no certificate to serve yet; trying again in 30 s");
+                    let regarding = ObjectReference {
+                        api_version: Some("v1".to_owned()),
+                        kind: Some("Secret".to_owned()),
+                        name: Some(SECRET_NAME.to_owned()),
+                        namespace: Some(self.namespace.clone()),
+                        ..ObjectReference::default()
+                    };
+                    let reason = match error {
+                        Error::Foreign { .. } => "ForeignObject",
+                        _ => "CertificateUnavailable",
+                    };
+                    events
+                        .publish(
+                            &regarding,
+                            EventType::Warning,
+                            reason,
+                            "KeepCertificate",
+                            &error.to_string(),
+                        )
+                        .await;
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(RETRY_START) => {}
+            }
+        }
     }
 
     /// Makes or loads the certificate, for start-up.
@@ -346,6 +492,46 @@ mod tests {
             assert!(names.contains(&expected.to_owned()), "{names:?}");
         }
         assert!(!names.contains(&String::new()));
+    }
+
+    #[test]
+    fn only_a_certificate_that_really_serves_passes_the_check() {
+        let names = subject_alt_names("ns", &[]);
+        let good = Material::issue(None, &names).unwrap();
+        assert_eq!(good.check(&names), Ok(()));
+        let other = Material::issue(None, &names).unwrap();
+        let broken = |change: &dyn Fn(&mut Material)| {
+            let mut material = Material::issue(None, &names).unwrap();
+            change(&mut material);
+            material.check(&names).unwrap_err()
+        };
+        assert!(broken(&|m| m.cert = "garbage".into()).contains("tls.crt"));
+        assert!(broken(&|m| m.key = "garbage".into()).contains("key"));
+        let why = broken(&|m| m.key.clone_from(&other.key));
+        assert!(why.contains("tls.key is not the key of tls.crt"), "{why}");
+        // The CA served as the leaf, or a leaf from another CA: no chain to ca.crt.
+        let why = broken(&|m| {
+            m.cert.clone_from(&m.ca_cert);
+            m.key.clone_from(&m.ca_key);
+        });
+        assert!(why.contains("does not serve"), "{why}");
+        assert!(broken(&|m| m.ca_cert.clone_from(&other.ca_cert)).contains("does not serve"));
+        let more = subject_alt_names("ns", &["bitwarden-sdk-server.eso.svc".into()]);
+        assert!(
+            good.check(&more)
+                .unwrap_err()
+                .contains("bitwarden-sdk-server.eso.svc")
+        );
+    }
+
+    #[test]
+    fn a_ca_whose_key_does_not_sign_for_it_is_replaced() {
+        let names = subject_alt_names("ns", &[]);
+        let mut previous = Material::issue(None, &names).unwrap();
+        previous.ca_key = Material::issue(None, &names).unwrap().ca_key;
+        let renewed = Material::renew(Some(&previous), &names).unwrap();
+        assert_ne!(renewed.ca_cert, previous.ca_cert);
+        assert_eq!(renewed.check(&names), Ok(()));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use hearth_runtime::events::EventPublisher;
 use hearth_runtime::options::parse_duration;
 use hearth_runtime::{CommonOptions, Process, http};
 
@@ -98,6 +99,17 @@ pub enum Error {
     },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(
+        "{kind} {name} in namespace {namespace} exists and was not made by secret-bridge (it \
+         lacks the label app.kubernetes.io/managed-by=hearth-secret-bridge), so it is never \
+         replaced; delete or rename it to let secret-bridge keep its own certificate there, or \
+         give TLS_CERT_FILE and TLS_KEY_FILE"
+    )]
+    Foreign {
+        kind: &'static str,
+        name: &'static str,
+        namespace: String,
+    },
 }
 
 pub async fn run(options: Options) -> Result<(), Error> {
@@ -164,8 +176,21 @@ pub async fn run(options: Options) -> Result<(), Error> {
                 .map_err(|e| Error::Config(format!("Kubernetes API, connect: {e}")))?;
             let namespace = &options.common.pod_namespace;
             let names = certs::subject_alt_names(namespace, &options.tls_extra_sans);
+            let events = EventPublisher::new(
+                client.clone(),
+                "hearth-secret-bridge",
+                &options.common.pod_name,
+            );
             let managed = certs::SelfManaged::new(client, namespace, names);
-            let (certificate, serving) = managed.start().await?;
+            let ready = process.readiness.gate("tls-certificate");
+            let Some((certificate, serving)) = managed
+                .start_when_possible(&events, &process.shutdown.token())
+                .await
+            else {
+                process.run_until_shutdown().await?;
+                return Ok(());
+            };
+            ready.open();
             let renewals =
                 managed.keep_fresh(Arc::clone(&certificate), serving, process.shutdown.token());
             process.shutdown.spawn("certificate-renewal", async move {
