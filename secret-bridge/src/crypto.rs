@@ -15,7 +15,7 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use hearth_runtime::Sensitive;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 type HmacSha256 = Hmac<Sha256>;
 type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
@@ -37,10 +37,11 @@ pub enum CryptoError {
     Random,
 }
 
-/// An AES-256 encryption key and an HMAC-SHA256 key.
+/// An AES-256 encryption key and an HMAC-SHA256 key, in one heap buffer that never moves and
+/// is wiped when dropped.
 pub struct SymmetricKey {
-    enc: Zeroizing<[u8; 32]>,
-    mac: Zeroizing<[u8; 32]>,
+    /// The encryption key, then the MAC key (Bitwarden's layout).
+    bytes: Zeroizing<Box<[u8]>>,
 }
 
 impl fmt::Debug for SymmetricKey {
@@ -49,22 +50,38 @@ impl fmt::Debug for SymmetricKey {
     }
 }
 
+/// Overwrites the stack below the caller's frame. The ciphers' key schedules and HMAC's padded
+/// key are built in stack frames and moved around by value; each move leaves a copy that drop
+/// never wipes. Called on the way out of every use of a key, this wipes those frames too.
+#[inline(never)]
+fn scrub_stack() {
+    let mut frames = [0_u8; 16 * 1024];
+    frames.zeroize();
+    std::hint::black_box(&frames);
+}
+
 impl SymmetricKey {
     /// From 64 bytes: the encryption key, then the MAC key (Bitwarden's layout).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
         if bytes.len() != 64 {
             return Err(CryptoError::KeyLength(bytes.len()));
         }
-        let mut enc = Zeroizing::new([0_u8; 32]);
-        let mut mac = Zeroizing::new([0_u8; 32]);
-        enc.copy_from_slice(&bytes[..32]);
-        mac.copy_from_slice(&bytes[32..]);
-        Ok(Self { enc, mac })
+        let mut key = Zeroizing::new(vec![0_u8; 64].into_boxed_slice());
+        key.copy_from_slice(bytes);
+        Ok(Self { bytes: key })
+    }
+
+    fn enc(&self) -> &[u8] {
+        &self.bytes[..32]
+    }
+
+    fn mac(&self) -> &[u8] {
+        &self.bytes[32..]
     }
 
     fn tag(&self, iv: &[u8], ciphertext: &[u8]) -> HmacSha256 {
         // HMAC takes keys of any length, so this cannot fail for 32 bytes.
-        let mut tag = <HmacSha256 as Mac>::new_from_slice(self.mac.as_slice())
+        let mut tag = <HmacSha256 as Mac>::new_from_slice(self.mac())
             .unwrap_or_else(|_| unreachable!("HMAC accepts every key length"));
         tag.update(iv);
         tag.update(ciphertext);
@@ -73,10 +90,20 @@ impl SymmetricKey {
 
     /// Checks the MAC (in constant time) and only then decrypts.
     pub fn decrypt(&self, encrypted: &EncString) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let decrypted = self.decrypt_in_frames_below(encrypted);
+        scrub_stack();
+        decrypted
+    }
+
+    #[inline(never)]
+    fn decrypt_in_frames_below(
+        &self,
+        encrypted: &EncString,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         self.tag(&encrypted.iv, &encrypted.ciphertext)
             .verify_slice(&encrypted.mac)
             .map_err(|_| CryptoError::Mac)?;
-        let decryptor = Aes256CbcDec::new(self.enc.as_slice().into(), (&encrypted.iv).into());
+        let decryptor = Aes256CbcDec::new(self.enc().into(), (&encrypted.iv).into());
         decryptor
             .decrypt_padded_vec_mut::<Pkcs7>(&encrypted.ciphertext)
             .map(Zeroizing::new)
@@ -85,9 +112,16 @@ impl SymmetricKey {
 
     /// Encrypts under a fresh random IV.
     pub fn encrypt(&self, plaintext: &[u8]) -> Result<EncString, CryptoError> {
+        let encrypted = self.encrypt_in_frames_below(plaintext);
+        scrub_stack();
+        encrypted
+    }
+
+    #[inline(never)]
+    fn encrypt_in_frames_below(&self, plaintext: &[u8]) -> Result<EncString, CryptoError> {
         let mut iv = [0_u8; 16];
         getrandom::fill(&mut iv).map_err(|_| CryptoError::Random)?;
-        let encryptor = Aes256CbcEnc::new(self.enc.as_slice().into(), (&iv).into());
+        let encryptor = Aes256CbcEnc::new(self.enc().into(), (&iv).into());
         let ciphertext = encryptor.encrypt_padded_vec_mut::<Pkcs7>(plaintext);
         let mut mac = [0_u8; 32];
         mac.copy_from_slice(&self.tag(&iv, &ciphertext).finalize().into_bytes());
@@ -158,16 +192,19 @@ impl FromStr for AccessToken {
         if seed.len() != 16 {
             return Err(CryptoError::AccessToken("the key is not 16 bytes"));
         }
+        let key = derive_access_token_key(&seed);
+        scrub_stack();
         Ok(Self {
             id: id.to_ascii_lowercase(),
             client_secret: Sensitive::new((*client_secret).to_owned()),
-            key: derive_access_token_key(&seed)?,
+            key: key?,
         })
     }
 }
 
 /// Bitwarden's shareable-key derivation: PRK = HMAC-SHA256("bitwarden-accesstoken", seed),
 /// then HKDF-Expand-SHA256(PRK, "sm-access-token") to 64 bytes.
+#[inline(never)]
 fn derive_access_token_key(seed: &[u8]) -> Result<SymmetricKey, CryptoError> {
     let mut extract = <HmacSha256 as Mac>::new_from_slice(b"bitwarden-accesstoken")
         .unwrap_or_else(|_| unreachable!("HMAC accepts every key length"));
@@ -282,8 +319,7 @@ mod tests {
             token.client_secret.expose(),
             "C2IgxjjLF7qSshsbwe8JGcbM075YXw"
         );
-        let mut derived = token.key.enc.to_vec();
-        derived.extend_from_slice(token.key.mac.as_slice());
+        let derived = token.key.bytes.to_vec();
         assert_eq!(STANDARD.encode(derived), DERIVED);
         // Padding on the key is optional.
         assert!(TOKEN.trim_end_matches('=').parse::<AccessToken>().is_ok());

@@ -137,6 +137,11 @@ impl ServiceProcess {
         }
     }
 
+    /// The process id, e.g. to read its memory from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the process has logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()

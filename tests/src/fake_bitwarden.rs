@@ -55,6 +55,10 @@ struct FakeState {
     calls: HashMap<String, usize>,
     faults: HashMap<String, VecDeque<Fault>>,
     delay: Duration,
+    /// Delays for one kind of call, over `delay`.
+    delays: HashMap<String, Duration>,
+    /// What logins say of their token's lifetime; `None` is an hour.
+    expires_in: Option<u64>,
     counter: u64,
 }
 
@@ -207,6 +211,27 @@ impl FakeBitwarden {
         token
     }
 
+    /// A well-formed access token no Bitwarden knows.
+    pub fn unknown_token() -> String {
+        let mut id = [0_u8; 16];
+        let mut secret = [0_u8; 15];
+        let mut seed = [0_u8; 16];
+        let _ = getrandom::fill(&mut id);
+        let _ = getrandom::fill(&mut secret);
+        let _ = getrandom::fill(&mut seed);
+        let id = hex(&id);
+        format!(
+            "0.{}-{}-{}-{}-{}.{}:{}",
+            &id[..8],
+            &id[8..12],
+            &id[12..16],
+            &id[16..20],
+            &id[20..],
+            URL_SAFE_NO_PAD.encode(secret),
+            STANDARD.encode(seed)
+        )
+    }
+
     /// Revokes a token: its logins fail and its bearer tokens stop working.
     pub fn revoke(&self, token: &str) {
         let mut state = self.lock();
@@ -292,6 +317,21 @@ impl FakeBitwarden {
         self.lock().delay = delay;
     }
 
+    /// Delays only calls of one kind (`login`, `sync`, …).
+    pub fn set_delay_for(&self, kind: &str, delay: Duration) {
+        self.lock().delays.insert(kind.to_owned(), delay);
+    }
+
+    /// What the next logins say of their token's lifetime, whatever the number.
+    pub fn set_expires_in(&self, seconds: u64) {
+        self.lock().expires_in = Some(seconds);
+    }
+
+    /// The organisation's key, as Bitwarden keeps it: to look for it where it must not be.
+    pub fn organization_key(&self) -> Vec<u8> {
+        self.lock().org_key_bytes.clone()
+    }
+
     /// Every bearer token stops working, as when they expire: the next data call gets 401.
     pub fn expire_bearers(&self) {
         self.lock().bearers.clear();
@@ -349,27 +389,42 @@ async fn handle(
         let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
         *state.calls.entry(kind.to_owned()).or_default() += 1;
         let fault = state.faults.get_mut(kind).and_then(VecDeque::pop_front);
-        (state.delay, fault)
+        let delay = state.delays.get(kind).copied().unwrap_or(state.delay);
+        (delay, fault)
+    };
+    // The answer is what Bitwarden holds when the call arrives; the delay is the way back.
+    let response = match fault {
+        Some(fault) => {
+            let mut response = (
+                StatusCode::from_u16(fault.status).unwrap_or(StatusCode::BAD_REQUEST),
+                fault.body,
+            )
+                .into_response();
+            if let Some(seconds) = fault.retry_after
+                && let Ok(value) = seconds.to_string().parse()
+            {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            response
+        }
+        None => answer(&state, kind, &segments, &headers, &body),
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    if let Some(fault) = fault {
-        let mut response = (
-            StatusCode::from_u16(fault.status).unwrap_or(StatusCode::BAD_REQUEST),
-            fault.body,
-        )
-            .into_response();
-        if let Some(seconds) = fault.retry_after
-            && let Ok(value) = seconds.to_string().parse()
-        {
-            response.headers_mut().insert(header::RETRY_AFTER, value);
-        }
-        return response;
-    }
+    response
+}
+
+fn answer(
+    state: &Mutex<FakeState>,
+    kind: &str,
+    segments: &[&str],
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
     if kind == "login" {
-        return login(&mut state, &body);
+        return login(&mut state, body);
     }
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -379,7 +434,7 @@ async fn handle(
     if !state.bearers.contains(bearer) {
         return (StatusCode::UNAUTHORIZED, "").into_response();
     }
-    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     match kind {
         "list" | "sync" => {
             if segments[2] != state.org_id {
@@ -528,7 +583,7 @@ fn login(state: &mut FakeState, body: &Bytes) -> Response {
         StatusCode::OK,
         &json!({
             "access_token": jwt,
-            "expires_in": 3600,
+            "expires_in": state.expires_in.unwrap_or(3600),
             "token_type": "Bearer",
             "scope": "api.secrets",
             "encrypted_payload": encrypted,
