@@ -261,3 +261,141 @@ async fn a_self_hosted_bitwarden_is_trusted_through_upstream_ca_file() {
     );
     assert_eq!(fake.calls("login"), logins);
 }
+
+/// The fake API with namespace hearth-system and a kubeconfig for it.
+async fn cluster() -> (FakeApiServer, kube::Client, tempfile::TempDir, String) {
+    let api = FakeApiServer::start().await.unwrap();
+    let client = api.client().unwrap();
+    let namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "hearth-system"}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let kubeconfig = kubeconfig.display().to_string();
+    (api, client, dir, kubeconfig)
+}
+
+#[tokio::test]
+async fn a_broken_tls_secret_is_reissued_not_served() {
+    let (_api, client, _dir, kubeconfig) = cluster().await;
+    let fake = FakeBitwarden::start().await.unwrap();
+    let env = [
+        ("KUBECONFIG", kubeconfig.as_str()),
+        ("POD_NAMESPACE", "hearth-system"),
+    ];
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "hearth-system");
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "hearth-system");
+    let token = fake.add_token();
+    let id = fake.add_secret("k", "v", "", None);
+    // A good Secret to break in different ways, then each break served to a fresh bridge.
+    let (first, _) = start_bridge(&fake, &env).await;
+    drop(first);
+    let good = secrets.get("secret-bridge-tls").await.unwrap();
+    let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    let breaks: Vec<(&str, Box<dyn Fn(&mut Secret)>)> = vec![
+        (
+            "garbage tls.crt",
+            Box::new(|s| set(s, "tls.crt", "garbage")),
+        ),
+        (
+            "garbage tls.key",
+            Box::new(|s| set(s, "tls.key", "garbage")),
+        ),
+        (
+            "the CA served as the leaf",
+            Box::new(|s| {
+                let ca = get(s, "ca.crt");
+                let ca_key = get(s, "ca.key");
+                set(s, "tls.crt", &ca);
+                set(s, "tls.key", &ca_key);
+            }),
+        ),
+        (
+            "a key from another pair",
+            Box::new(move |s| set(s, "tls.key", &other)),
+        ),
+    ];
+    for (what, break_it) in &breaks {
+        let mut broken = good.clone();
+        broken.metadata.resource_version = None;
+        break_it(&mut broken);
+        let current = secrets.get("secret-bridge-tls").await.unwrap();
+        broken.metadata.resource_version = current.metadata.resource_version;
+        secrets
+            .replace("secret-bridge-tls", &PostParams::default(), &broken)
+            .await
+            .unwrap();
+        let (process, addr) = start_bridge(&fake, &env).await;
+        let ca = maps.get("secret-bridge-ca").await.unwrap().data.unwrap()["ca.crt"].clone();
+        let reply = eso_request(addr, &ca, SERVICE_NAME, &fake, &token, &id)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(reply.status, 200, "{what}");
+        assert!(
+            process.logs().contains("issuing a new one"),
+            "{what}: {}",
+            process.logs()
+        );
+        let fixed = secrets.get("secret-bridge-tls").await.unwrap();
+        assert_ne!(get(&fixed, "tls.crt"), get(&broken, "tls.crt"), "{what}");
+    }
+}
+
+#[tokio::test]
+async fn a_tls_secret_hearth_did_not_make_is_never_replaced() {
+    let (_api, client, _dir, kubeconfig) = cluster().await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "hearth-system");
+    let theirs: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "secret-bridge-tls"},
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": "dGhlaXJz", "tls.key": "dGhlaXJz"},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
+    let fake = FakeBitwarden::start().await.unwrap();
+    let env = [
+        ("KUBECONFIG", kubeconfig.as_str()),
+        ("POD_NAMESPACE", "hearth-system"),
+    ];
+    let (process, addr) = start_bridge(&fake, &env).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Not replaced; the API is not served; readiness and an Event say why; the process lives.
+    let kept = secrets.get("secret-bridge-tls").await.unwrap();
+    assert_eq!(get(&kept, "tls.crt"), "theirs");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    let ready = process.get("/readyz").await.unwrap();
+    assert_eq!(ready.status, 503);
+    assert!(ready.body.contains("tls-certificate"), "{}", ready.body);
+    assert_eq!(process.get("/livez").await.unwrap().status, 200);
+    assert!(process.logs().contains("was not made by secret-bridge"));
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "hearth-system");
+    let events = events.list(&Default::default()).await.unwrap().items;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ForeignObject")
+                && e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("TLS_CERT_FILE"))),
+        "{events:?}"
+    );
+}
+
+fn get(secret: &Secret, key: &str) -> String {
+    String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
+}
+
+fn set(secret: &mut Secret, key: &str, value: &str) {
+    secret.data.get_or_insert_default().insert(
+        key.to_owned(),
+        k8s_openapi::ByteString(value.as_bytes().to_vec()),
+    );
+}
