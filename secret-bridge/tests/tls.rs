@@ -296,7 +296,7 @@ async fn a_broken_tls_secret_is_reissued_not_served() {
     drop(first);
     let good = secrets.get("secret-bridge-tls").await.unwrap();
     let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
-    let breaks: Vec<(&str, Box<dyn Fn(&mut Secret)>)> = vec![
+    let breaks: Vec<(&str, Breakage)> = vec![
         (
             "garbage tls.crt",
             Box::new(|s| set(s, "tls.crt", "garbage")),
@@ -388,6 +388,9 @@ async fn a_tls_secret_hearth_did_not_make_is_never_replaced() {
         "{events:?}"
     );
 }
+
+/// One way to break a TLS Secret.
+type Breakage = Box<dyn Fn(&mut Secret)>;
 
 fn get(secret: &Secret, key: &str) -> String {
     String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
