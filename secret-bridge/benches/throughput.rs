@@ -6,7 +6,10 @@
 //!   (plain HTTP, no crypto) as the baseline;
 //! - Bitwarden calls for 1,000 ESO requests across 50 secrets, against the SDK server's
 //!   documented one login per request;
-//! - resident memory idle, after 100,000 requests, and after 100,000 more.
+//! - resident memory idle, after 100,000 requests, and after 100,000 more;
+//! - under attack, beside the same ESO workload: 300 slow-header TLS connections (how long until
+//!   all are closed) and 20,000 requests with bogus tokens (resident memory, logins sent to
+//!   Bitwarden), with the workload's p99 against the clean run's.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,6 +29,10 @@ use rustls_pki_types::ServerName;
 const CONNECTIONS: usize = 16;
 const REQUESTS: usize = 100_000;
 const SECRETS: usize = 50;
+const SLOW_CONNECTIONS: usize = 300;
+const BOGUS_TOKENS: usize = 20_000;
+/// The ESO workload run beside each attack.
+const BESIDE: usize = 20_000;
 
 struct Target {
     addr: SocketAddr,
@@ -35,6 +42,10 @@ struct Target {
     /// The JSON key ESO puts the id in: `id`, or `organizationID` for a list.
     body_key: &'static str,
     expect: u16,
+    /// Each request carries a fresh well-formed token Bitwarden does not know (an attack).
+    bogus_tokens: bool,
+    /// The pause between one connection's requests (zero: as fast as answers come).
+    pause: Duration,
 }
 
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
@@ -75,8 +86,15 @@ async fn load(
                     for (name, value) in &target.headers {
                         request = request.header(name.as_str(), value.as_str());
                     }
+                    if target.bogus_tokens {
+                        request =
+                            request.header("Warden-Access-Token", FakeBitwarden::unknown_token());
+                    }
                     let body = Bytes::from(format!(r#"{{"{}":"{id}"}}"#, target.body_key));
                     let request = request.body(Full::new(body)).unwrap();
+                    if !target.pause.is_zero() {
+                        tokio::time::sleep(target.pause).await;
+                    }
                     let sent = Instant::now();
                     sender.ready().await.unwrap();
                     let response = sender.send_request(request).await.unwrap();
@@ -110,6 +128,46 @@ fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Opens `count` TLS connections that each send half a request head and then nothing.
+async fn slow_headers(
+    addr: SocketAddr,
+    client: &tokio_rustls::TlsConnector,
+    count: usize,
+) -> Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..count {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("secret-bridge.hearth-system.svc").unwrap();
+        let mut stream = client.connect(name, tcp).await.unwrap();
+        stream
+            .write_all(b"GET /rest/api/1/secret HTTP/1.1\r\nHost: secret-bridge\r\nX-Slow: ")
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    held
+}
+
+/// How long until the server has closed every one of `held`.
+async fn until_closed(
+    held: Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    since: Instant,
+) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let waits = held.into_iter().map(|mut stream| async move {
+        let mut buffer = [0_u8; 64];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buffer)).await {
+                Ok(Ok(0) | Err(_)) | Err(_) => return,
+                Ok(Ok(_)) => {}
+            }
+        }
+    });
+    futures::future::join_all(waits).await;
+    since.elapsed()
 }
 
 #[tokio::main]
@@ -165,6 +223,8 @@ async fn main() {
         headers,
         body_key: "id",
         expect: 200,
+        bogus_tokens: false,
+        pause: Duration::ZERO,
     });
 
     // 1,000 ESO requests across 50 secrets in one cache window, shaped as ESO sends them for
@@ -176,6 +236,8 @@ async fn main() {
         headers: bridge.headers.clone(),
         body_key: "organizationID",
         expect: 200,
+        bogus_tokens: false,
+        pause: Duration::ZERO,
     });
     load(list, Arc::new(vec![fake.organization()]), 1).await;
     load(
@@ -213,10 +275,59 @@ async fn main() {
         headers: Vec::new(),
         body_key: "id",
         expect: 404,
+        bogus_tokens: false,
+        pause: Duration::ZERO,
     });
     let (baseline_elapsed, baseline_latencies) =
         load(baseline_target, Arc::clone(&ids), REQUESTS).await;
     let (baseline_rps, baseline_p50, baseline_p99) = summary(baseline_elapsed, baseline_latencies);
+
+    // Under attack, beside the same ESO workload.
+    let rss = || async {
+        metric(
+            &process.get("/metrics").await.unwrap().body,
+            "process_resident_memory_bytes",
+        )
+    };
+    let (clean_elapsed, clean_latencies) =
+        load(Arc::clone(&bridge), Arc::clone(&ids), BESIDE).await;
+    let (_, _, clean_p99) = summary(clean_elapsed, clean_latencies);
+    let opened = Instant::now();
+    let held = slow_headers(addr, bridge.tls.as_ref().unwrap(), SLOW_CONNECTIONS).await;
+    let rss_slow = rss().await;
+    let (slow_elapsed, slow_latencies) = load(Arc::clone(&bridge), Arc::clone(&ids), BESIDE).await;
+    let (_, _, slow_p99) = summary(slow_elapsed, slow_latencies);
+    let all_closed = until_closed(held, opened).await;
+    let logins_before = fake.calls("login");
+    // The attacker keeps its connections alive, as one after throughput would.
+    let headers = bridge
+        .headers
+        .iter()
+        .filter(|(name, _)| name != "Warden-Access-Token")
+        .cloned()
+        .collect();
+    let bogus = Arc::new(Target {
+        addr,
+        tls: bridge.tls.clone(),
+        path: bridge.path,
+        headers,
+        body_key: "id",
+        expect: 400,
+        bogus_tokens: true,
+        // 1,000 a second: a flood, yet one that leaves this 2-core machine (client and bridge
+        // alike) some CPU, so the ESO workload's latency shows the bridge, not the scheduler.
+        pause: Duration::from_millis(16),
+    });
+    let attack = tokio::spawn(load(bogus, Arc::clone(&ids), BOGUS_TOKENS));
+    let (bogus_elapsed, bogus_latencies) =
+        load(Arc::clone(&bridge), Arc::clone(&ids), BESIDE).await;
+    attack.await.unwrap();
+    let (_, _, bogus_p99) = summary(bogus_elapsed, bogus_latencies);
+    let bogus_logins = fake.calls("login") - logins_before;
+    let rss_bogus = rss().await;
+    let (after_elapsed, after_latencies) =
+        load(Arc::clone(&bridge), Arc::clone(&ids), BESIDE).await;
+    let (_, after_p50, after_p99) = summary(after_elapsed, after_latencies);
 
     let mib = |bytes: f64| bytes / 1024.0 / 1024.0;
     println!(
@@ -239,5 +350,22 @@ async fn main() {
         mib(after),
         2 * REQUESTS,
         mib(after_more)
+    );
+    println!(
+        "  {SLOW_CONNECTIONS} slow-header TLS connections: all closed {:.1} s after opening \
+         (header timeout 5 s); resident memory with them open {:.1} MiB (goal <= 20 MiB); ESO \
+         p99 beside them {slow_p99:.2} ms vs {clean_p99:.2} ms clean (ratio {:.2}x)",
+        all_closed.as_secs_f64(),
+        mib(rss_slow),
+        slow_p99 / clean_p99
+    );
+    println!(
+        "  {BOGUS_TOKENS} requests with bogus tokens, 1,000/s over {CONNECTIONS} keep-alive \
+         connections: {bogus_logins} logins sent to Bitwarden (a burst of 20, then 5/s), resident \
+         memory after {:.1} MiB (goal <= 20 MiB); ESO p99 beside them {bogus_p99:.2} ms vs \
+         {clean_p99:.2} ms clean (ratio {:.2}x); after them p50 {after_p50:.2} ms, p99 \
+         {after_p99:.2} ms",
+        mib(rss_bogus),
+        bogus_p99 / clean_p99
     );
 }
