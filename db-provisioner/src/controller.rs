@@ -1,13 +1,13 @@
 //! The controller over Namespaces: fetch → validate ([`crate::desired`]) → build and apply
 //! ([`crate::provision`], [`crate::finalize`]) → report ([`crate::report`], metrics).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use futures::StreamExt;
 use hearth_runtime::Process;
 use hearth_runtime::annotations;
+use hearth_runtime::controller::{self, Backoff};
 use hearth_runtime::events::EventPublisher;
 use hearth_runtime::leader::{LeaderElection, Leadership};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -27,7 +27,6 @@ use crate::store::{Allocations, CredentialStore};
 use crate::{Error, Options};
 
 const LEASE_NAME: &str = "hearth-db-provisioner";
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// Where apps reach the databases, and what the operator allows.
 pub struct Settings {
@@ -49,8 +48,7 @@ pub struct Context {
     pub credentials: CredentialStore,
     pub metrics: Metrics,
     pub settings: Settings,
-    /// Consecutive failures per namespace, for exponential backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    backoff: Backoff,
     /// Held while choosing and recording a Redis index.
     pub allocating: tokio::sync::Mutex<()>,
 }
@@ -77,7 +75,7 @@ impl Context {
             redis,
             metrics,
             settings,
-            failures: Mutex::default(),
+            backoff: Backoff::default(),
             allocating: tokio::sync::Mutex::default(),
         }
     }
@@ -93,21 +91,6 @@ impl Context {
         self.redis
             .as_ref()
             .ok_or(Error::NotConfigured("REDIS_ADMIN_URL", "Redis database"))
-    }
-
-    fn backoff(&self, namespace: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = failures.entry(namespace.to_owned()).or_insert(0);
-        *count = count.saturating_add(1);
-        let exponent = (*count - 1).min(6);
-        (Duration::from_secs(5) * 2_u32.pow(exponent)).min(MAX_BACKOFF)
-    }
-
-    fn succeeded(&self, namespace: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(namespace);
     }
 }
 
@@ -191,43 +174,17 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
             watcher::Config::default(),
         ),
     };
-    // Becoming leader re-checks every namespace at once instead of at the next resync.
-    let became_leader = futures::stream::unfold(leadership, |mut leadership| async move {
-        loop {
-            match leadership.changed().await {
-                Some(true) => return Some(((), leadership)),
-                Some(false) => {}
-                None => return None,
-            }
-        }
-    });
-    // Every namespace is checked again each resync interval, to repair drift.
-    let resync = options.resync_interval;
-    let every_resync = futures::stream::unfold((), move |()| async move {
-        tokio::time::sleep(resync).await;
-        Some(((), ()))
-    });
     let controller = Controller::new(Api::<Namespace>::all(client.clone()), watch_config)
         .owns(secrets, ours)
         // Eight at a time: faster is bound by the disk (CREATE DATABASE copies a template),
         // and each reconcile in flight holds a database connection and its buffers.
         .with_config(ControllerConfig::default().concurrency(8))
-        .reconcile_all_on(became_leader)
-        .reconcile_all_on(every_resync)
+        // A new leader checks every namespace at once; every resync interval all are checked
+        // again, to repair drift.
+        .reconcile_all_on(controller::on_becoming_leader(leadership))
+        .reconcile_all_on(controller::every(options.resync_interval))
         .graceful_shutdown_on(token.cancelled_owned());
-    let kubernetes_ready = process.readiness.gate("kubernetes");
-    let store = controller.store();
-    tokio::spawn(async move {
-        // kube-runtime 5's Store::wait_until_ready is not always woken when the store fills;
-        // polling it again finds it ready, so it is re-polled every half second.
-        loop {
-            match tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready()).await {
-                Ok(Ok(())) => break kubernetes_ready.open(),
-                Ok(Err(_)) => break,
-                Err(_) => {}
-            }
-        }
-    });
+    controller::open_when_synced(controller.store(), process.readiness.gate("kubernetes"));
     let running = controller
         .run(reconcile, error_policy, context)
         .for_each(|_| futures::future::ready(()));
@@ -242,7 +199,7 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
 fn spawn_readiness(process: &Process, context: &Arc<Context>) {
     if context.postgres.is_some() {
         let context = Arc::clone(context);
-        open_once(process.readiness.gate("postgres"), move || {
+        controller::open_once(process.readiness.gate("postgres"), move || {
             let context = Arc::clone(&context);
             async move {
                 match &context.postgres {
@@ -254,7 +211,7 @@ fn spawn_readiness(process: &Process, context: &Arc<Context>) {
     }
     if context.redis.is_some() {
         let context = Arc::clone(context);
-        open_once(process.readiness.gate("redis"), move || {
+        controller::open_once(process.readiness.gate("redis"), move || {
             let context = Arc::clone(&context);
             async move {
                 match &context.redis {
@@ -264,20 +221,6 @@ fn spawn_readiness(process: &Process, context: &Arc<Context>) {
             }
         });
     }
-}
-
-/// Opens `gate` the first time `reachable` says yes, asking every two seconds.
-fn open_once<F, Fut>(gate: hearth_runtime::admin::ReadinessGate, mut reachable: F)
-where
-    F: FnMut() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
-{
-    tokio::spawn(async move {
-        while !reachable().await {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-        gate.open();
-    });
 }
 
 /// Reconciles one namespace and reports the outcome in metrics, a log line and, for a
@@ -299,7 +242,7 @@ pub async fn reconcile(namespace: Arc<Namespace>, context: Arc<Context>) -> Resu
     match result {
         Ok(()) => {
             metrics.reconciles.with_label_values(&["success"]).inc();
-            context.succeeded(&name);
+            context.backoff.succeeded(&name);
             // The periodic re-check comes from one timer for all namespaces (see `start`), not
             // from per-object requeues, which can pile up when events arrive mid-reconcile.
             Ok(Action::await_change())
@@ -321,7 +264,7 @@ pub fn error_policy(namespace: Arc<Namespace>, error: &Error, context: Arc<Conte
     if error.is_permanent() {
         Action::await_change()
     } else {
-        Action::requeue(context.backoff(&namespace.name_any()))
+        Action::requeue(context.backoff.failed(&namespace.name_any()))
     }
 }
 

@@ -3,7 +3,6 @@
 
 use hearth_runtime::events::{EventPublisher, EventType};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::Resource;
 
 /// The steps of a reconcile, each the Event action of what it reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,9 +75,8 @@ impl Reporter {
         reason: &'static str,
         note: &str,
     ) {
-        let regarding = namespace.object_ref(&());
         self.events
-            .publish(&regarding, type_, reason, action, note)
+            .publish_about(namespace, type_, reason, action, note)
             .await;
     }
 }

@@ -76,6 +76,19 @@ impl EventPublisher {
         }
     }
 
+    /// Publishes one Event about a cluster object (a Namespace, an Ingress, …).
+    pub async fn publish_about<K: kube::Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &'static str,
+        action: &'static str,
+        note: &str,
+    ) {
+        self.publish(&object.object_ref(&()), type_, reason, action, note)
+            .await;
+    }
+
     /// Publishes one Event about `regarding`. Events about cluster-scoped objects (a Namespace)
     /// go to `default`, where the API server expects them. A failure is logged, never returned:
     /// an Event is a report, and a reconcile must not fail for want of one.

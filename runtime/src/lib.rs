@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod annotations;
+pub mod controller;
 pub mod events;
 pub mod http;
 pub mod leader;

@@ -129,8 +129,11 @@ impl ServiceProcess {
                 return Ok(status);
             }
             if Instant::now() > deadline {
+                let logs = self.logs();
+                let lines: Vec<&str> = logs.lines().collect();
                 return Err(HarnessError::Startup(format!(
-                    "still running {within:?} after SIGTERM"
+                    "still running {within:?} after SIGTERM; its last log lines:\n{}",
+                    lines[lines.len().saturating_sub(20)..].join("\n")
                 )));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

@@ -1,0 +1,112 @@
+//! What every hearth controller shares around kube-runtime's `Controller`: when to reconcile
+//! everything again, when the process is ready, and how long to back off after a failure.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::Stream;
+use kube::Resource;
+use kube::runtime::reflector::Store;
+
+use crate::admin::ReadinessGate;
+use crate::leader::Leadership;
+
+/// Yields each time this process becomes leader, so the new leader checks everything at once
+/// instead of at the next resync. Ends with the election.
+pub fn on_becoming_leader(leadership: Leadership) -> impl Stream<Item = ()> + Send {
+    futures::stream::unfold(leadership, |mut leadership| async move {
+        loop {
+            match leadership.changed().await {
+                Some(true) => return Some(((), leadership)),
+                Some(false) => {}
+                None => return None,
+            }
+        }
+    })
+}
+
+/// Yields once every `interval`: one timer for every object, to repair drift.
+pub fn every(interval: Duration) -> impl Stream<Item = ()> + Send {
+    futures::stream::unfold((), move |()| async move {
+        tokio::time::sleep(interval).await;
+        Some(((), ()))
+    })
+}
+
+/// Opens `gate` once the controller's store has had its first full list.
+pub fn open_when_synced<K>(store: Store<K>, gate: ReadinessGate)
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+{
+    tokio::spawn(async move {
+        // kube-runtime 5's Store::wait_until_ready is not always woken when the store fills;
+        // polling it again finds it ready, so it is re-polled every half second.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready()).await {
+                Ok(Ok(())) => break gate.open(),
+                Ok(Err(_)) => break,
+                Err(_) => {}
+            }
+        }
+    });
+}
+
+/// Opens `gate` the first time `reachable` says yes, asking every two seconds.
+pub fn open_once<F, Fut>(gate: ReadinessGate, mut reachable: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    tokio::spawn(async move {
+        while !reachable().await {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        gate.open();
+    });
+}
+
+/// Consecutive failures per object: 5 s after the first, doubling to 5 min.
+#[derive(Default)]
+pub struct Backoff {
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+const LONGEST_RETRY: Duration = Duration::from_secs(300);
+
+impl Backoff {
+    /// Counts a failure of `key` and says how long to wait before trying it again.
+    pub fn failed(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = failures.entry(key.to_owned()).or_insert(0);
+        *count = count.saturating_add(1);
+        let exponent = (*count - 1).min(6);
+        (FIRST_RETRY * 2_u32.pow(exponent)).min(LONGEST_RETRY)
+    }
+
+    /// `key` worked: its next failure starts from the shortest wait again.
+    pub fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_five_minutes_and_resets() {
+        let backoff = Backoff::default();
+        let waits: Vec<u64> = (0..9).map(|_| backoff.failed("a").as_secs()).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(backoff.failed("b").as_secs(), 5);
+        backoff.succeeded("a");
+        assert_eq!(backoff.failed("a").as_secs(), 5);
+    }
+}
