@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use hearth_runtime::annotations::{
-    self, AnnotationError, DeletionPolicy, ExtensionName, PgName, Profile, RedisRequest,
+    self, AnnotationError, DeletionPolicy, ExtensionName, PgName, Profile, RedisRequest, keep_valid,
 };
 
 /// What one opted-in namespace wants.
@@ -97,14 +97,6 @@ pub fn read(
         refused_extensions,
         redis_refused,
     }
-}
-
-/// The value, or `None` with the error recorded.
-fn keep_valid<T>(
-    invalid: &mut Vec<AnnotationError>,
-    result: Result<T, AnnotationError>,
-) -> Option<T> {
-    result.map_err(|error| invalid.push(error)).ok()
 }
 
 #[cfg(test)]

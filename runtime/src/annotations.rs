@@ -64,7 +64,7 @@ pub struct AnnotationError {
 }
 
 impl AnnotationError {
-    fn new(annotation: &str, value: &str, accepted: &'static str) -> Self {
+    pub fn new(annotation: &str, value: &str, accepted: &'static str) -> Self {
         Self {
             annotation: annotation.to_owned(),
             value: value.to_owned(),
@@ -313,7 +313,7 @@ pub fn parse_rotate(value: &str) -> Result<String, AnnotationError> {
 }
 
 /// A DNS-1123 label: 1-63 characters a-z, 0-9 and '-', starting and ending alphanumeric.
-fn is_dns_label(name: &str) -> bool {
+pub fn is_dns_label(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name
@@ -522,6 +522,15 @@ fn split_list<'v>(
         return Err(error());
     }
     Ok(items)
+}
+
+/// The value of a parse, or `None` with its error added to `problems`: for reading every
+/// annotation of a namespace and reporting every problem at once.
+pub fn keep_valid<T>(
+    problems: &mut Vec<AnnotationError>,
+    result: Result<T, AnnotationError>,
+) -> Option<T> {
+    result.map_err(|error| problems.push(error)).ok()
 }
 
 /// `hearth.dev/*` keys that are neither inputs nor hearth's own outputs: most often a typo such

@@ -7,6 +7,7 @@ pub mod fake_api;
 pub mod fake_bitwarden;
 pub mod postgres;
 pub mod redis;
+pub mod tailscale;
 pub mod tls;
 
 use std::net::TcpListener;
