@@ -18,7 +18,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
-use crate::build::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::build::{FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::metrics::Metrics;
 use crate::{Error, Options, cleanup, desired, ingresses, publish};
 
@@ -159,12 +159,10 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
     // Every Ingress, held in memory: host-name claims are checked against the whole cluster
     // without a list per reconcile.
     let (store, writer) = reflector::store();
-    let reflecting = reflector(
-        writer,
-        watcher(ingress_api.clone(), watcher::Config::default()),
-    )
-    .default_backoff()
-    .for_each(|_| futures::future::ready(()));
+    let trimmed = watcher(ingress_api.clone(), watcher::Config::default())
+        .default_backoff()
+        .modify(trim);
+    let reflecting = reflector(writer, trimmed).for_each(|_| futures::future::ready(()));
     let stop = token.clone();
     process.shutdown.spawn("ingress-reflector", async move {
         tokio::select! {
@@ -218,6 +216,17 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
         Ok(())
     });
     Ok(())
+}
+
+/// What of an Ingress is held in memory: no other manager's field records, and no
+/// `kubectl apply` copy of the whole object (often the largest part of it).
+fn trim(ingress: &mut Ingress) {
+    if let Some(fields) = ingress.metadata.managed_fields.as_mut() {
+        fields.retain(|entry| entry.manager.as_deref() == Some(FIELD_MANAGER));
+    }
+    if let Some(annotations) = ingress.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 pub async fn reconcile(namespace: Arc<Namespace>, context: Arc<Context>) -> Result<Action, Error> {
