@@ -2,10 +2,15 @@
 
 #[tokio::test]
 async fn the_binary_answers_on_its_admin_port() {
+    let api = hearth_tests::FakeApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let kubeconfig = kubeconfig.display().to_string();
     hearth_tests::admin::check_service_binary(
         env!("CARGO_BIN_EXE_health-exporter"),
         "health-exporter",
-        &[],
+        &[("KUBECONFIG", &kubeconfig), ("POD_NAMESPACE", "default")],
     )
     .await
     .unwrap();

@@ -83,10 +83,13 @@ pub struct AdminServer {
 }
 
 impl AdminServer {
+    /// Binds the admin server; `pages` adds a service's own routes (a status page) beside
+    /// `/livez`, `/readyz` and `/metrics`.
     pub async fn bind(
         addr: SocketAddr,
         readiness: Readiness,
         registry: Registry,
+        pages: Router,
     ) -> Result<Self, Error> {
         let listener = TcpListener::bind(addr)
             .await
@@ -98,7 +101,8 @@ impl AdminServer {
             .with_state(AdminState {
                 readiness,
                 registry,
-            });
+            })
+            .merge(pages);
         Ok(Self { listener, router })
     }
 

@@ -62,14 +62,29 @@ impl Process {
         version: &'static str,
         options: &CommonOptions,
     ) -> Result<Self, Error> {
+        Self::start_with_pages(service, version, options, axum::Router::new()).await
+    }
+
+    /// As `start`, with the service's own pages on the admin server.
+    pub async fn start_with_pages(
+        service: &'static str,
+        version: &'static str,
+        options: &CommonOptions,
+        pages: axum::Router,
+    ) -> Result<Self, Error> {
         telemetry::init(options.log_format, &options.rust_log)?;
         let registry = metrics::registry(service, version)?;
         let connections = http::ConnectionMetrics::register(&registry)?;
         let readiness = Readiness::default();
         let shutdown = Shutdown::new(shutdown::DEFAULT_DRAIN);
         shutdown.listen_for_signals()?;
-        let admin =
-            AdminServer::bind(options.admin_addr, readiness.clone(), registry.clone()).await?;
+        let admin = AdminServer::bind(
+            options.admin_addr,
+            readiness.clone(),
+            registry.clone(),
+            pages,
+        )
+        .await?;
         let admin_addr = admin.local_addr()?;
         shutdown.spawn(
             "admin-server",

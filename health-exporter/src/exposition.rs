@@ -1,0 +1,312 @@
+//! `/metrics` from the last results: a custom collector that builds every family afresh from the
+//! registry at each scrape, so a scrape never waits on a target and a target that vanished
+//! vanishes from the output. Labels come only from the cluster's own objects (namespace,
+//! Service, ExternalSecret and database names), never from a request.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+
+use crate::probe::{Detail, Outcome, Reason};
+use crate::registry::{Registry, Target};
+use crate::targets::{Kind, TargetKey};
+
+/// (name, help, type, label names): every family this collector may produce.
+const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
+    (
+        "hearth_target_up",
+        "Whether the target's last check succeeded (1) or not (0).",
+        MetricType::GAUGE,
+        &["kind", "namespace", "target"],
+    ),
+    (
+        "hearth_probe_duration_seconds",
+        "How long the target's last check took.",
+        MetricType::GAUGE,
+        &["kind", "namespace", "target"],
+    ),
+    (
+        "hearth_probe_last_success_timestamp_seconds",
+        "When the target's last successful check ended (checks run in the background; this shows how fresh the data is).",
+        MetricType::GAUGE,
+        &["kind", "namespace", "target"],
+    ),
+    (
+        "hearth_probes_total",
+        "Checks of the target, by result.",
+        MetricType::COUNTER,
+        &["kind", "namespace", "target", "result"],
+    ),
+    (
+        "hearth_probe_errors_total",
+        "Failed checks of the target, by reason.",
+        MetricType::COUNTER,
+        &["kind", "namespace", "target", "reason"],
+    ),
+    (
+        "hearth_externalsecret_ready",
+        "Whether the ExternalSecret's Ready condition is True.",
+        MetricType::GAUGE,
+        &["namespace", "name"],
+    ),
+    (
+        "pg_up",
+        "Whether the last connection to PostgreSQL succeeded (postgres_exporter's name).",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "pg_database_size_bytes",
+        "Disk space used by the database (postgres_exporter's name).",
+        MetricType::GAUGE,
+        &["datname"],
+    ),
+    (
+        "pg_stat_database_numbackends",
+        "Backends connected to the database (postgres_exporter's name).",
+        MetricType::GAUGE,
+        &["datname"],
+    ),
+    (
+        "redis_up",
+        "Whether the last connection to Redis succeeded (redis_exporter's name).",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "redis_connected_clients",
+        "Clients connected to Redis (redis_exporter's name).",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "redis_memory_used_bytes",
+        "Memory Redis uses (redis_exporter's name).",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "redis_db_keys",
+        "Keys in each Redis database (redis_exporter's name).",
+        MetricType::GAUGE,
+        &["db"],
+    ),
+    (
+        "probe_success",
+        "Whether the app's HTTP probe succeeded (blackbox_exporter's name).",
+        MetricType::GAUGE,
+        &["namespace", "target"],
+    ),
+    (
+        "probe_duration_seconds",
+        "How long the app's HTTP probe took (blackbox_exporter's name).",
+        MetricType::GAUGE,
+        &["namespace", "target"],
+    ),
+    (
+        "probe_http_status_code",
+        "The HTTP status the app's probe got (blackbox_exporter's name).",
+        MetricType::GAUGE,
+        &["namespace", "target"],
+    ),
+    (
+        "probe_ssl_earliest_cert_expiry",
+        "When the published URL's first certificate expires, in Unix seconds (blackbox_exporter's name).",
+        MetricType::GAUGE,
+        &["namespace", "target"],
+    ),
+];
+
+pub struct Exporter {
+    registry: Arc<Registry>,
+    descs: Vec<Desc>,
+}
+
+impl Exporter {
+    pub fn new(registry: Arc<Registry>) -> Result<Self, prometheus::Error> {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help, _, labels)| {
+                Desc::new(
+                    (*name).to_owned(),
+                    (*help).to_owned(),
+                    labels.iter().map(|l| (*l).to_owned()).collect(),
+                    std::collections::HashMap::new(),
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { registry, descs })
+    }
+}
+
+/// Samples of one scrape, grouped by family.
+#[derive(Default)]
+struct Samples(BTreeMap<&'static str, Vec<Metric>>);
+
+impl Samples {
+    fn add(&mut self, family: &'static str, labels: &[(&str, &str)], value: f64) {
+        let pairs = labels
+            .iter()
+            .map(|(name, value)| {
+                let mut pair = LabelPair::default();
+                pair.set_name((*name).to_owned());
+                pair.set_value((*value).to_owned());
+                pair
+            })
+            .collect();
+        let mut metric = Metric::from_label(pairs);
+        let counter = FAMILIES
+            .iter()
+            .any(|(name, _, kind, _)| *name == family && *kind == MetricType::COUNTER);
+        if counter {
+            let mut sample = Counter::default();
+            sample.set_value(value);
+            metric.set_counter(sample);
+        } else {
+            let mut sample = Gauge::default();
+            sample.set_value(value);
+            metric.set_gauge(sample);
+        }
+        self.0.entry(family).or_default().push(metric);
+    }
+}
+
+fn seconds(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn flag(up: bool) -> f64 {
+    if up { 1.0 } else { 0.0 }
+}
+
+fn add_target(samples: &mut Samples, key: &TargetKey, target: &Target) {
+    let kind = key.kind.as_str();
+    let labels = [
+        ("kind", kind),
+        ("namespace", key.namespace.as_str()),
+        ("target", key.target.as_str()),
+    ];
+    let Some((_, report)) = &target.last else {
+        // Not checked yet: no value is better than a made-up one.
+        return;
+    };
+    let up = target.up();
+    samples.add("hearth_target_up", &labels, flag(up));
+    samples.add(
+        "hearth_probe_duration_seconds",
+        &labels,
+        report.duration.as_secs_f64(),
+    );
+    if let Some(at) = target.last_success {
+        samples.add(
+            "hearth_probe_last_success_timestamp_seconds",
+            &labels,
+            seconds(at),
+        );
+    }
+    for outcome in Outcome::ALL {
+        let count = target.probes.get(&outcome).copied().unwrap_or(0);
+        let mut with = labels.to_vec();
+        with.push(("result", outcome.as_str()));
+        samples.add("hearth_probes_total", &with, count as f64);
+    }
+    for (reason, count) in &target.errors {
+        let mut with = labels.to_vec();
+        with.push(("reason", Reason::as_str(*reason)));
+        samples.add("hearth_probe_errors_total", &with, *count as f64);
+    }
+    let app = [
+        ("namespace", key.namespace.as_str()),
+        ("target", key.target.as_str()),
+    ];
+    match (key.kind, &report.detail) {
+        (Kind::Http, detail) => {
+            samples.add("probe_success", &app, flag(up));
+            samples.add(
+                "probe_duration_seconds",
+                &app,
+                report.duration.as_secs_f64(),
+            );
+            if let Detail::Http { status } = detail {
+                samples.add("probe_http_status_code", &app, f64::from(*status));
+            }
+        }
+        (Kind::Tls, Detail::Tls { earliest_expiry }) => {
+            samples.add(
+                "probe_ssl_earliest_cert_expiry",
+                &app,
+                *earliest_expiry as f64,
+            );
+        }
+        (Kind::ExternalSecret, _) => {
+            let labels = [
+                ("namespace", key.namespace.as_str()),
+                ("name", key.target.as_str()),
+            ];
+            samples.add("hearth_externalsecret_ready", &labels, flag(up));
+        }
+        (Kind::Postgres, detail) => {
+            samples.add("pg_up", &[], flag(up));
+            if let Detail::Postgres { databases } = detail {
+                for (datname, size, backends) in databases {
+                    let labels = [("datname", datname.as_str())];
+                    if let Some(size) = size {
+                        samples.add("pg_database_size_bytes", &labels, *size as f64);
+                    }
+                    samples.add("pg_stat_database_numbackends", &labels, *backends as f64);
+                }
+            }
+        }
+        (Kind::Redis, detail) => {
+            samples.add("redis_up", &[], flag(up));
+            if let Detail::Redis {
+                connected_clients,
+                memory_used_bytes,
+                keys,
+            } = detail
+            {
+                samples.add("redis_connected_clients", &[], *connected_clients as f64);
+                samples.add("redis_memory_used_bytes", &[], *memory_used_bytes as f64);
+                for (index, count) in keys {
+                    samples.add(
+                        "redis_db_keys",
+                        &[("db", &format!("db{index}"))],
+                        *count as f64,
+                    );
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+impl Collector for Exporter {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut samples = Samples::default();
+        self.registry.read(|targets, _| {
+            for (key, target) in targets {
+                add_target(&mut samples, key, target);
+            }
+        });
+        FAMILIES
+            .iter()
+            .filter_map(|(name, help, kind, _)| {
+                let metrics = samples.0.remove(name)?;
+                let mut family = MetricFamily::default();
+                family.set_name((*name).to_owned());
+                family.set_help((*help).to_owned());
+                family.set_field_type(*kind);
+                family.set_metric(metrics);
+                Some(family)
+            })
+            .collect()
+    }
+}

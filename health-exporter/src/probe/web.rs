@@ -1,0 +1,163 @@
+//! HTTP and TLS probes: an app's page (2xx or 3xx is up: an app's front page often sends one to
+//! its login), and the certificate of its published URL.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::header::{HOST, USER_AGENT};
+use hyper::{Request, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::ServerName;
+use rustls_pki_types::pem::PemObject;
+
+use super::{Detail, Reason, Report};
+use crate::Error;
+
+/// The most of an answer's body a probe reads; the rest is never fetched.
+const MAX_BODY: usize = 64 * 1024;
+
+pub struct WebProbe {
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl WebProbe {
+    /// Trusts the system's CAs, plus those in `extra_ca` (PEM) when given.
+    pub fn new(extra_ca: Option<&Path>) -> Result<Self, Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A system certificate rustls cannot use is skipped, as every TLS client does.
+            let _ = roots.add(cert);
+        }
+        if let Some(path) = extra_ca {
+            let bad = |e: &dyn std::fmt::Display| {
+                Error::Config(format!("PROBE_CA_FILE {}: {e}", path.display()))
+            };
+            for cert in
+                rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))?
+            {
+                roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(Self {
+            // One connection per probe, closed after: a probe checks that the app takes one.
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(connector),
+            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    /// GETs `uri`, sending `host` as the Host header when given (a Service reached by its
+    /// cluster IP). Up on 2xx and 3xx.
+    pub async fn http(&self, uri: Uri, host: Option<&str>) -> Report {
+        let mut request = Request::get(uri).header(USER_AGENT, "hearth-health-exporter");
+        if let Some(host) = host {
+            request = request.header(HOST, host);
+        }
+        let request = match request.body(Empty::new()) {
+            Ok(request) => request,
+            Err(error) => return Report::failure(Reason::Protocol, error.to_string()),
+        };
+        let response = match self.client.request(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                let reason = if caused_by_tls(&error) {
+                    Reason::Tls
+                } else {
+                    Reason::Connect
+                };
+                return Report::failure(reason, describe(&error));
+            }
+        };
+        let status = response.status();
+        // Read a little of the body (a half-open answer is no answer), never all of it.
+        if let Err(error) = Limited::new(response.into_body(), MAX_BODY).collect().await
+            && !error.to_string().contains("length limit exceeded")
+        {
+            return Report::failure(Reason::Protocol, format!("reading the answer: {error}"));
+        }
+        let detail = Detail::Http {
+            status: status.as_u16(),
+        };
+        if status.is_success() || status.is_redirection() {
+            Report::success(detail)
+        } else {
+            Report::failure_with(Reason::HttpStatus, format!("answered {status}"), detail)
+        }
+    }
+
+    /// Connects to `host:port`, verifies the certificate chain for `host`, and reads when its
+    /// first certificate expires.
+    pub async fn certificate(&self, host: &str, port: u16) -> Report {
+        let Ok(name) = ServerName::try_from(host.to_owned()) else {
+            return Report::failure(Reason::Tls, format!("{host} is not a TLS server name"));
+        };
+        let tcp = match tokio::net::TcpStream::connect((host, port)).await {
+            Ok(tcp) => tcp,
+            Err(error) => return Report::failure(Reason::Connect, error.to_string()),
+        };
+        let stream = match self.tls.connect(name, tcp).await {
+            Ok(stream) => stream,
+            Err(error) => return Report::failure(Reason::Tls, error.to_string()),
+        };
+        let (_, session) = stream.get_ref();
+        let earliest = session
+            .peer_certificates()
+            .into_iter()
+            .flatten()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map(|(_, cert)| cert.validity().not_after.timestamp())
+            .min();
+        match earliest {
+            Some(earliest_expiry) => Report::success(Detail::Tls { earliest_expiry }),
+            None => Report::failure(Reason::Tls, "no certificate could be read"),
+        }
+    }
+}
+
+/// An error and its causes, for people.
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+/// Whether TLS (a certificate, a handshake) is somewhere in an error's causes.
+fn caused_by_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(inner) = cause {
+        let wrapped = inner
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .is_some_and(|io| io.is::<rustls::Error>());
+        if inner.is::<rustls::Error>() || wrapped {
+            return true;
+        }
+        cause = inner.source();
+    }
+    false
+}

@@ -1,0 +1,397 @@
+//! The status page for people (`/`) and the same facts for scripts (`/status.json`): one card
+//! per app with its state, its URL, database size, Redis keys, secrets synced and the last
+//! failure. Server-rendered, no external assets, readable on a phone, dark and light.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+
+use crate::probe::{Detail, Reason};
+use crate::registry::{App, Registry, Target};
+use crate::targets::{Kind, TargetKey};
+
+/// How often the page reloads itself.
+const REFRESH_SECONDS: u32 = 30;
+
+pub fn router(registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/status.json", get(json))
+        .with_state(registry)
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// Unix seconds.
+    pub generated: u64,
+    pub apps: Vec<AppStatus>,
+    pub postgres: Option<TargetStatus>,
+    pub redis: Option<TargetStatus>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AppStatus {
+    pub namespace: String,
+    /// `up`, `degraded` (something besides the app itself is down), `down`, or `unknown`.
+    pub state: &'static str,
+    pub url: Option<String>,
+    pub database: Option<String>,
+    pub database_size_bytes: Option<i64>,
+    pub redis_db: Option<u8>,
+    pub redis_keys: Option<i64>,
+    pub secrets_synced: usize,
+    pub secrets_total: usize,
+    pub last_failure: Option<Failure>,
+    pub targets: Vec<TargetStatus>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetStatus {
+    pub kind: &'static str,
+    pub target: String,
+    /// `None` until checked once.
+    pub up: Option<bool>,
+    pub reason: Option<&'static str>,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Failure {
+    pub at: u64,
+    pub target: String,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn unix(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn target_status(key: &TargetKey, target: &Target) -> TargetStatus {
+    let report = target.last.as_ref().map(|(_, report)| report);
+    TargetStatus {
+        kind: key.kind.as_str(),
+        target: key.target.clone(),
+        up: report.map(|_| target.up()),
+        reason: report.and_then(|r| r.reason).map(Reason::as_str),
+        message: report
+            .filter(|r| !r.message.is_empty())
+            .map(|r| r.message.clone()),
+    }
+}
+
+/// The facts, from the registry. Pure given the registry's content.
+pub fn status(targets: &BTreeMap<TargetKey, Target>, apps: &BTreeMap<String, App>) -> Status {
+    let cluster = |kind: Kind| targets.iter().find(|(key, _)| key.kind == kind);
+    let postgres = cluster(Kind::Postgres);
+    let redis = cluster(Kind::Redis);
+    let apps = apps
+        .iter()
+        .map(|(namespace, app)| {
+            let own: Vec<(&TargetKey, &Target)> = targets
+                .iter()
+                .filter(|(key, _)| key.namespace == *namespace)
+                .collect();
+            let checked = own.iter().filter(|(_, t)| t.last.is_some()).count();
+            let down: Vec<&&TargetKey> = own
+                .iter()
+                .filter(|(_, t)| t.last.is_some() && !t.up())
+                .map(|(key, _)| key)
+                .collect();
+            let app_down = down.iter().any(|key| key.kind == Kind::Http);
+            let state = match (checked, down.len(), app_down) {
+                (0, _, _) => "unknown",
+                (_, 0, _) => "up",
+                (_, _, true) => "down",
+                _ => "degraded",
+            };
+            let last_failure = own
+                .iter()
+                .filter_map(|(key, t)| {
+                    t.last_failure
+                        .as_ref()
+                        .map(|(at, reason, message)| Failure {
+                            at: unix(*at),
+                            target: format!("{} {}", key.kind.as_str(), key.target),
+                            reason: reason.as_str(),
+                            message: message.clone(),
+                        })
+                })
+                .max_by_key(|failure| failure.at);
+            let database_size_bytes = app.targets.database.as_ref().and_then(|name| match postgres
+                .and_then(|(_, t)| t.last.as_ref())
+                .map(|(_, r)| &r.detail)
+            {
+                Some(Detail::Postgres { databases }) => databases
+                    .iter()
+                    .find(|(datname, _, _)| datname == name)
+                    .and_then(|(_, size, _)| *size),
+                _ => None,
+            });
+            let redis_keys = app.targets.redis_db.and_then(|index| {
+                match redis
+                    .and_then(|(_, t)| t.last.as_ref())
+                    .map(|(_, r)| &r.detail)
+                {
+                    Some(Detail::Redis { keys, .. }) => Some(
+                        keys.iter()
+                            .find(|(db, _)| *db == index)
+                            .map_or(0, |(_, count)| *count),
+                    ),
+                    _ => None,
+                }
+            });
+            let secrets: Vec<&&Target> = own
+                .iter()
+                .filter(|(key, _)| key.kind == Kind::ExternalSecret)
+                .map(|(_, t)| t)
+                .collect();
+            AppStatus {
+                namespace: namespace.clone(),
+                state,
+                url: app
+                    .targets
+                    .url
+                    .as_ref()
+                    .map(|u| u.as_str().trim_end_matches('/').to_owned()),
+                database: app.targets.database.clone(),
+                database_size_bytes,
+                redis_db: app.targets.redis_db,
+                redis_keys,
+                secrets_synced: secrets.iter().filter(|t| t.up()).count(),
+                secrets_total: secrets.len(),
+                last_failure,
+                targets: own.iter().map(|(key, t)| target_status(key, t)).collect(),
+            }
+        })
+        .collect();
+    Status {
+        generated: unix(SystemTime::now()),
+        apps,
+        postgres: postgres.map(|(key, t)| target_status(key, t)),
+        redis: redis.map(|(key, t)| target_status(key, t)),
+    }
+}
+
+async fn json(State(registry): State<Arc<Registry>>) -> Response {
+    let status = registry.read(status);
+    match serde_json::to_vec(&status) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(error) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            error.to_string(),
+        )
+            .into_response(),
+    }
+}
+
+async fn page(State(registry): State<Arc<Registry>>) -> Response {
+    let html = render(&registry.read(status));
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        html,
+    )
+        .into_response()
+}
+
+/// Text made safe for HTML: every name and message comes from the cluster.
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+fn bytes(size: i64) -> String {
+    let size = size as f64;
+    match size {
+        s if s >= 1024.0 * 1024.0 * 1024.0 => format!("{:.1} GiB", s / 1024.0 / 1024.0 / 1024.0),
+        s if s >= 1024.0 * 1024.0 => format!("{:.1} MiB", s / 1024.0 / 1024.0),
+        s => format!("{:.0} KiB", s / 1024.0),
+    }
+}
+
+fn ago(at: u64, now: u64) -> String {
+    let seconds = now.saturating_sub(at);
+    match seconds {
+        s if s < 120 => format!("{s} s ago"),
+        s if s < 7200 => format!("{} min ago", s / 60),
+        s if s < 172_800 => format!("{} h ago", s / 3600),
+        s => format!("{} days ago", s / 86_400),
+    }
+}
+
+const STYLE: &str = "\
+:root{color-scheme:light dark;--bg:#f6f7f9;--card:#fff;--text:#1c1e21;--muted:#5f6368;\
+--up:#1e8e3e;--down:#d93025;--degraded:#e37400;--unknown:#80868b;--border:#dadce0}\
+@media (prefers-color-scheme:dark){:root{--bg:#17181a;--card:#222326;--text:#e8eaed;\
+--muted:#9aa0a6;--up:#81c995;--down:#f28b82;--degraded:#fdd663;--unknown:#9aa0a6;--border:#3c4043}}\
+*{box-sizing:border-box}body{margin:0;padding:1rem;background:var(--bg);color:var(--text);\
+font:16px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif}\
+h1{font-size:1.3rem;margin:0 0 .25rem}p.sub{margin:0 0 1rem;color:var(--muted);font-size:.9rem}\
+.cards{display:grid;gap:.75rem;grid-template-columns:repeat(auto-fill,minmax(17rem,1fr))}\
+.card{background:var(--card);border:1px solid var(--border);border-left:.4rem solid var(--unknown);\
+border-radius:.5rem;padding:.75rem 1rem}.card.up{border-left-color:var(--up)}\
+.card.down{border-left-color:var(--down)}.card.degraded{border-left-color:var(--degraded)}\
+.card h2{font-size:1.05rem;margin:0;display:flex;justify-content:space-between;gap:.5rem}\
+.state{font-size:.8rem;text-transform:uppercase;letter-spacing:.04em}\
+.up .state{color:var(--up)}.down .state{color:var(--down)}.degraded .state{color:var(--degraded)}\
+.unknown .state{color:var(--unknown)}a{color:inherit;word-break:break-all}\
+dl{margin:.5rem 0 0;display:grid;grid-template-columns:auto 1fr;gap:.15rem .75rem;font-size:.9rem}\
+dt{color:var(--muted)}dd{margin:0}.failure{margin-top:.5rem;font-size:.85rem;color:var(--muted)}";
+
+/// The page, from the facts. Pure.
+pub fn render(status: &Status) -> String {
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\
+         <title>hearth status</title><style>{STYLE}</style></head><body>\
+         <h1>hearth</h1><p class=\"sub\">{} apps · PostgreSQL {} · Redis {} · refreshes every {REFRESH_SECONDS} s</p>\
+         <main class=\"cards\">",
+        status.apps.len(),
+        cluster_state(status.postgres.as_ref()),
+        cluster_state(status.redis.as_ref()),
+    );
+    for app in &status.apps {
+        let _ = write!(
+            html,
+            "<section class=\"card {state}\" data-namespace=\"{ns}\" data-state=\"{state}\">\
+             <h2><span>{ns}</span><span class=\"state\">{state}</span></h2><dl>",
+            state = app.state,
+            ns = escape(&app.namespace),
+        );
+        if let Some(url) = &app.url {
+            let url = escape(url);
+            let _ = write!(html, "<dt>URL</dt><dd><a href=\"{url}\">{url}</a></dd>");
+        }
+        if let Some(database) = &app.database {
+            let size = app
+                .database_size_bytes
+                .map_or_else(|| "size unknown".to_owned(), bytes);
+            let _ = write!(
+                html,
+                "<dt>Database</dt><dd>{} · {size}</dd>",
+                escape(database)
+            );
+        }
+        if let Some(index) = app.redis_db {
+            let keys = app
+                .redis_keys
+                .map_or_else(|| "keys unknown".to_owned(), |k| format!("{k} keys"));
+            let _ = write!(html, "<dt>Redis</dt><dd>db{index} · {keys}</dd>");
+        }
+        if app.secrets_total > 0 {
+            let _ = write!(
+                html,
+                "<dt>Secrets</dt><dd>{} of {} synced</dd>",
+                app.secrets_synced, app.secrets_total
+            );
+        }
+        let checks: Vec<String> = app
+            .targets
+            .iter()
+            .map(|t| {
+                let mark = match t.up {
+                    Some(true) => "✓",
+                    Some(false) => "✗",
+                    None => "…",
+                };
+                format!("{mark} {} {}", t.kind, escape(&t.target))
+            })
+            .collect();
+        let _ = write!(html, "<dt>Checks</dt><dd>{}</dd></dl>", checks.join("<br>"));
+        if let Some(failure) = &app.last_failure {
+            let _ = write!(
+                html,
+                "<p class=\"failure\">Last failure {}: {} — {} ({})</p>",
+                ago(failure.at, status.generated),
+                escape(&failure.target),
+                escape(&failure.message),
+                failure.reason
+            );
+        }
+        html.push_str("</section>");
+    }
+    if status.apps.is_empty() {
+        html.push_str("<p>No namespace has opted in to hearth yet.</p>");
+    }
+    html.push_str("</main></body></html>");
+    html
+}
+
+fn cluster_state(target: Option<&TargetStatus>) -> &'static str {
+    match target.and_then(|t| t.up) {
+        None if target.is_none() => "not watched",
+        None => "not checked yet",
+        Some(true) => "up",
+        Some(false) => "down",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_messages_are_escaped() {
+        let status = Status {
+            generated: 1000,
+            apps: vec![AppStatus {
+                namespace: "blog".into(),
+                state: "down",
+                url: Some("https://blog.ts.net/?a=<b>".into()),
+                database: None,
+                database_size_bytes: None,
+                redis_db: None,
+                redis_keys: None,
+                secrets_synced: 0,
+                secrets_total: 0,
+                last_failure: Some(Failure {
+                    at: 940,
+                    target: "http web".into(),
+                    reason: "http_status",
+                    message: "<script>alert(1)</script>".into(),
+                }),
+                targets: vec![],
+            }],
+            postgres: None,
+            redis: None,
+        };
+        let html = render(&status);
+        assert!(!html.contains("<script>alert"), "{html}");
+        assert!(html.contains("&lt;script&gt;"));
+        assert!(html.contains("60 s ago"));
+        assert!(html.contains("data-state=\"down\""));
+        assert!(html.contains("prefers-color-scheme:dark"));
+        assert!(
+            !html.contains("http://") && !html.contains("src="),
+            "no external assets"
+        );
+    }
+}
