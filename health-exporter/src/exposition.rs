@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
@@ -33,6 +33,18 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         "When the target's last successful check ended (checks run in the background; this shows how fresh the data is).",
         MetricType::GAUGE,
         &["kind", "namespace", "target"],
+    ),
+    (
+        "hearth_probe_last_run_timestamp_seconds",
+        "When the target's last check ended, whatever its result; older than a few intervals means checks have stalled.",
+        MetricType::GAUGE,
+        &["kind", "namespace", "target"],
+    ),
+    (
+        "hearth_probe_interval_seconds",
+        "How often each target is checked (PROBE_INTERVAL); results are served from the last check, never fetched during a scrape.",
+        MetricType::GAUGE,
+        &[],
     ),
     (
         "hearth_probes_total",
@@ -122,11 +134,12 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
 
 pub struct Exporter {
     registry: Arc<Registry>,
+    interval: Duration,
     descs: Vec<Desc>,
 }
 
 impl Exporter {
-    pub fn new(registry: Arc<Registry>) -> Result<Self, prometheus::Error> {
+    pub fn new(registry: Arc<Registry>, interval: Duration) -> Result<Self, prometheus::Error> {
         let descs = FAMILIES
             .iter()
             .map(|(name, help, _, labels)| {
@@ -138,7 +151,11 @@ impl Exporter {
                 )
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { registry, descs })
+        Ok(Self {
+            registry,
+            interval,
+            descs,
+        })
     }
 }
 
@@ -190,7 +207,7 @@ fn add_target(samples: &mut Samples, key: &TargetKey, target: &Target) {
         ("namespace", key.namespace.as_str()),
         ("target", key.target.as_str()),
     ];
-    let Some((_, report)) = &target.last else {
+    let Some((ran, report)) = &target.last else {
         // Not checked yet: no value is better than a made-up one.
         return;
     };
@@ -208,6 +225,11 @@ fn add_target(samples: &mut Samples, key: &TargetKey, target: &Target) {
             seconds(at),
         );
     }
+    samples.add(
+        "hearth_probe_last_run_timestamp_seconds",
+        &labels,
+        seconds(*ran),
+    );
     for outcome in Outcome::ALL {
         let count = target.probes.get(&outcome).copied().unwrap_or(0);
         let mut with = labels.to_vec();
@@ -291,6 +313,11 @@ impl Collector for Exporter {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let mut samples = Samples::default();
+        samples.add(
+            "hearth_probe_interval_seconds",
+            &[],
+            self.interval.as_secs_f64(),
+        );
         self.registry.read(|targets, _| {
             for (key, target) in targets {
                 add_target(&mut samples, key, target);

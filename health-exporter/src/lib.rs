@@ -83,6 +83,17 @@ pub async fn run(options: Options) -> Result<(), Error> {
     if options.probe_concurrency == 0 {
         return Err(Error::Config("PROBE_CONCURRENCY must be at least 1".into()));
     }
+    let postgres = options
+        .postgres_url
+        .as_ref()
+        .map(|url| probe::PostgresProbe::new(url, options.probe_timeout))
+        .transpose()?;
+    let redis = options
+        .redis_url
+        .as_ref()
+        .map(|url| probe::RedisProbe::new(url, options.probe_timeout))
+        .transpose()?;
+    let web = probe::WebProbe::new(options.probe_ca_file.as_deref())?;
     let registry = Arc::new(registry::Registry::default());
     let process = Process::start_with_pages(
         SERVICE,
@@ -93,7 +104,10 @@ pub async fn run(options: Options) -> Result<(), Error> {
     .await?;
     process
         .registry
-        .register(Box::new(exposition::Exporter::new(Arc::clone(&registry))?))?;
+        .register(Box::new(exposition::Exporter::new(
+            Arc::clone(&registry),
+            options.probe_interval,
+        )?))?;
     let client = kube::Client::try_default().await?;
     let (cluster, watches) =
         discovery::Cluster::watch(&client, options.common.watch_namespace.as_deref());
@@ -111,22 +125,12 @@ pub async fn run(options: Options) -> Result<(), Error> {
         cluster.namespaces.clone(),
         process.readiness.gate("kubernetes"),
     );
-    let postgres = options
-        .postgres_url
-        .as_ref()
-        .map(|url| probe::PostgresProbe::new(url, options.probe_timeout))
-        .transpose()?;
-    let redis = options
-        .redis_url
-        .as_ref()
-        .map(|url| probe::RedisProbe::new(url, options.probe_timeout))
-        .transpose()?;
     let (watch_postgres, watch_redis) = (postgres.is_some(), redis.is_some());
     let prober = Arc::new(prober::Prober {
         registry: Arc::clone(&registry),
         cluster: cluster.clone(),
         client,
-        web: probe::WebProbe::new(options.probe_ca_file.as_deref())?,
+        web,
         postgres,
         redis,
         interval: options.probe_interval,

@@ -477,7 +477,8 @@ pub enum ProbeTarget {
 pub fn parse_probe(value: &str) -> Result<ProbeTarget, AnnotationError> {
     const ACCEPTED: &str = "expected \"<service>:<port><path>\" such as \"paperless:8000/api/\", \
         or an http:// or https:// URL without a user name or password";
-    let error = || AnnotationError::new(PROBE, value, ACCEPTED);
+    let shown = without_userinfo(value);
+    let error = || AnnotationError::new(PROBE, &shown, ACCEPTED);
     if value.len() > 2048 || !value.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(error());
     }
@@ -500,6 +501,21 @@ pub fn parse_probe(value: &str) -> Result<ProbeTarget, AnnotationError> {
             path: path.to_owned(),
         }),
         _ => Err(error()),
+    }
+}
+
+/// A URL-like value with any `user:password@` part hidden, for messages.
+fn without_userinfo(value: &str) -> String {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return value.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!(
+            "{scheme}://(user and password not shown)@{}",
+            &rest[at + 1..]
+        ),
+        None => value.to_owned(),
     }
 }
 
@@ -806,6 +822,15 @@ mod tests {
             "paperless:8000/a b",
         ] {
             assert!(parse_probe(bad).is_err(), "{bad}");
+        }
+        for leaky in [
+            "https://user:Hunter2@host/x",
+            "http://:Hunter2@[::1/",
+            "https://Hunter2@h",
+        ] {
+            let message = parse_probe(leaky).unwrap_err().to_string();
+            assert!(!message.contains("Hunter2"), "{message}");
+            assert!(message.contains("not shown"), "{message}");
         }
     }
 

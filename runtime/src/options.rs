@@ -45,19 +45,21 @@ pub struct CommonOptions {
 
 /// Parses a duration option: `90s`, `5m`, `1h`, or plain seconds; `0` is zero.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let invalid = || format!("{text:?} is not a duration such as 30s, 5m or 1h");
+    let invalid = || format!("{text:?} is not a duration such as 500ms, 30s, 5m or 1h");
     let digits = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(digits);
     let number: u64 = number.parse().map_err(|_| invalid())?;
-    let seconds = match unit {
-        "" | "s" => number,
-        "m" => number.checked_mul(60).ok_or_else(invalid)?,
-        "h" => number.checked_mul(3600).ok_or_else(invalid)?,
+    let millis_per_unit = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
         _ => return Err(invalid()),
     };
-    Ok(std::time::Duration::from_secs(seconds))
+    let millis = number.checked_mul(millis_per_unit).ok_or_else(invalid)?;
+    Ok(std::time::Duration::from_millis(millis))
 }
 
 /// Outside a pod the host name stands in for the pod name, so two local runs still differ.
@@ -124,6 +126,7 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("800ms").unwrap(), Duration::from_millis(800));
         for bad in ["5 minutes", "", "m", "-1s", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hearth_tests::admin::ServiceProcess;
+use hearth_tests::metric;
 use hearth_tests::tls::{TestCa, client_trusting};
 use hearth_tests::{FakeBitwarden, free_port};
 use http_body_util::{BodyExt, Full};
@@ -122,12 +123,6 @@ fn summary(elapsed: Duration, mut latencies: Vec<Duration>) -> (f64, f64, f64) {
         at(0.5),
         at(0.99),
     )
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Opens `count` TLS connections that each send half a request head and then nothing.

@@ -9,16 +9,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use hearth_tests::fake_bitwarden::Fault;
+use hearth_tests::metric;
 use serde_json::json;
 use support::{Bridge, SERVICE_NAME};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn metric(exposition: &str, sample: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
 
 async fn metrics(bridge: &Bridge) -> String {
     bridge.process.get("/metrics").await.unwrap().body

@@ -6,7 +6,9 @@ pub mod admin;
 pub mod fake_api;
 pub mod fake_bitwarden;
 pub mod postgres;
+pub mod prometheus;
 pub mod redis;
+pub mod sites;
 pub mod tailscale;
 pub mod tls;
 
@@ -34,6 +36,38 @@ pub enum HarnessError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Kube(#[from] kube::Error),
+}
+
+/// Polls until `check` gives `Some`, or fails the test saying what never happened.
+pub async fn eventually<T, F, Fut>(what: &str, within: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A sample's value from a Prometheus exposition, e.g. `sample(text, "x_total{a=\"b\"}")`;
+/// `None` when the series is not there.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// As [`sample`], with an absent series read as 0 (counters not yet incremented).
+pub fn metric(exposition: &str, series: &str) -> f64 {
+    sample(exposition, series).unwrap_or(0.0)
 }
 
 /// A port free on 127.0.0.1 at the time of asking.

@@ -49,10 +49,26 @@ impl TestCa {
         dir: &Path,
         stem: &str,
     ) -> Result<(PathBuf, PathBuf), HarnessError> {
+        self.issue_files_until(names, dir, stem, None)
+    }
+
+    /// As `issue_files`, valid until `not_after` (year, month, day) when given.
+    pub fn issue_files_until(
+        &self,
+        names: &[&str],
+        dir: &Path,
+        stem: &str,
+        not_after: Option<(i32, u8, u8)>,
+    ) -> Result<(PathBuf, PathBuf), HarnessError> {
         let key = KeyPair::generate().map_err(|e| failed("key", &e))?;
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let cert = CertificateParams::new(names)
-            .and_then(|params| params.signed_by(&key, &self.issuer))
+            .and_then(|mut params| {
+                if let Some((year, month, day)) = not_after {
+                    params.not_after = rcgen::date_time_ymd(year, month, day);
+                }
+                params.signed_by(&key, &self.issuer)
+            })
             .map_err(|e| failed("certificate", &e))?;
         let (cert_path, key_path) = (
             dir.join(format!("{stem}.crt")),

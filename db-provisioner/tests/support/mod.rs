@@ -4,12 +4,12 @@
 #![allow(dead_code, unused_macros, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hearth_tests::admin::ServiceProcess;
 use hearth_tests::{FakeApiServer, PostgresServer, RedisServer};
+pub use hearth_tests::{eventually, metric};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -241,30 +241,6 @@ impl Stack {
             .get_multiplexed_async_connection()
             .await
     }
-}
-
-/// Polls until `check` gives `Some`, or fails the test saying what never happened.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A sample's value from a Prometheus exposition, e.g. `metric(text, "x_total{a=\"b\"}")`.
-pub fn metric(exposition: &str, sample: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 pub async fn metrics(process: &ServiceProcess) -> String {

@@ -82,8 +82,11 @@ impl WebProbe {
             Err(error) => {
                 let reason = if caused_by_tls(&error) {
                     Reason::Tls
-                } else {
+                } else if error.is_connect() {
                     Reason::Connect
+                } else {
+                    // Connected, but what came back was not HTTP (or nothing, then a close).
+                    Reason::Protocol
                 };
                 return Report::failure(reason, describe(&error));
             }

@@ -3,13 +3,13 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hearth_tests::FakeApiServer;
 use hearth_tests::admin::ServiceProcess;
 use hearth_tests::tailscale::StandInOperator;
+pub use hearth_tests::{eventually, metric};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use k8s_openapi::api::events::v1::Event;
@@ -202,28 +202,4 @@ impl Stack {
             })
             .collect()
     }
-}
-
-/// Polls until `check` gives `Some`, or fails the test saying what never happened.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A sample's value from a Prometheus exposition.
-pub fn metric(exposition: &str, sample: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }

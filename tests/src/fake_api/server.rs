@@ -171,6 +171,7 @@ pub async fn handle(
         url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
             .into_owned()
             .collect();
+    let metadata_only = wants_metadata_only(&headers);
     let result = resolve(uri.path()).and_then(|target| {
         shared
             .requests
@@ -180,9 +181,46 @@ pub async fn handle(
         dispatch(&shared, &method, &target, &query, &headers, &body)
     });
     match result {
+        Ok(Reply::Object(code, value)) if metadata_only && code.is_success() => {
+            json_response(code, &partial_metadata(&value))
+        }
         Ok(Reply::Object(code, value)) => json_response(code, &value),
-        Ok(Reply::Watch(start)) => watch(&shared, start),
+        Ok(Reply::Watch(mut start)) => {
+            start.metadata_only = metadata_only;
+            watch(&shared, start)
+        }
         Err(error) => error_response(&error),
+    }
+}
+
+/// Whether the client asked for metadata only (`kube`'s metadata watcher does), as in
+/// `Accept: application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1`.
+fn wants_metadata_only(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("as=PartialObjectMetadata"))
+}
+
+/// An object or a list cut down to metadata, as the real server answers a metadata request:
+/// nothing else of the object (a Secret's data least of all) leaves the server.
+fn partial_metadata(value: &Value) -> Value {
+    let one = |object: &Value| {
+        json!({
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadata",
+            "metadata": object["metadata"],
+        })
+    };
+    match value["items"].as_array() {
+        Some(items) => json!({
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadataList",
+            "metadata": value["metadata"],
+            "items": items.iter().map(one).collect::<Vec<_>>(),
+        }),
+        None => one(value),
     }
 }
 
@@ -200,6 +238,7 @@ struct WatchRequest {
     bookmarks: bool,
     initial_events_end: bool,
     timeout: Option<Duration>,
+    metadata_only: bool,
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
@@ -387,6 +426,7 @@ fn watch_request(
         bookmarks: flag("allowWatchBookmarks"),
         initial_events_end: initial_events,
         timeout,
+        metadata_only: false,
     })
 }
 
@@ -404,6 +444,15 @@ fn bookmark(kind: usize, revision: u64, initial_events_end: bool) -> Value {
 
 fn line(event: &Value) -> Result<Bytes, Infallible> {
     Ok(Bytes::from(format!("{event}\n")))
+}
+
+/// One watch event carrying `object`, cut down to metadata when that was asked for.
+fn change(kind: &str, object: &Value, metadata_only: bool) -> Value {
+    if metadata_only {
+        json!({"type": kind, "object": partial_metadata(object)})
+    } else {
+        json!({"type": kind, "object": object})
+    }
 }
 
 /// Streams watch events as the real server does: one JSON object per line, in resourceVersion
@@ -438,7 +487,7 @@ fn watch(shared: &Arc<Shared>, request: WatchRequest) -> Response {
                 && request.fields.matches(object)
         };
         for object in start.initial.iter().filter(|o| admits(o)) {
-            let event = json!({"type": "ADDED", "object": object});
+            let event = change("ADDED", object, request.metadata_only);
             if sender.send(line(&event)).await.is_err() {
                 return;
             }
@@ -450,7 +499,7 @@ fn watch(shared: &Arc<Shared>, request: WatchRequest) -> Response {
         for record in &start.backlog {
             seen = record.revision;
             if let Some(event) = store::visible_as(record, &request.labels, &request.fields) {
-                let event = json!({"type": event.as_str(), "object": record.object});
+                let event = change(event.as_str(), &record.object, request.metadata_only);
                 if sender.send(line(&event)).await.is_err() {
                     return;
                 }
@@ -474,7 +523,7 @@ fn watch(shared: &Arc<Shared>, request: WatchRequest) -> Response {
                             continue;
                         }
                         match store::visible_as(&record, &request.labels, &request.fields) {
-                            Some(event) => json!({"type": event.as_str(), "object": record.object}),
+                            Some(event) => change(event.as_str(), &record.object, request.metadata_only),
                             None => continue,
                         }
                     }
