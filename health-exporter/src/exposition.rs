@@ -3,7 +3,7 @@
 //! vanishes from the output. Labels come only from the cluster's own objects (namespace,
 //! Service, ExternalSecret and database names), never from a request.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -200,7 +200,9 @@ fn flag(up: bool) -> f64 {
     if up { 1.0 } else { 0.0 }
 }
 
-fn add_target(samples: &mut Samples, key: &TargetKey, target: &Target) {
+/// Adds one target's samples. `redis_dbs` are the Redis databases apps use: each is shown, with
+/// 0 keys when empty (INFO leaves empty databases out), as redis_exporter shows them.
+fn add_target(samples: &mut Samples, key: &TargetKey, target: &Target, redis_dbs: &BTreeSet<u8>) {
     let kind = key.kind.as_str();
     let labels = [
         ("kind", kind),
@@ -293,11 +295,14 @@ fn add_target(samples: &mut Samples, key: &TargetKey, target: &Target) {
             {
                 samples.add("redis_connected_clients", &[], *connected_clients as f64);
                 samples.add("redis_memory_used_bytes", &[], *memory_used_bytes as f64);
-                for (index, count) in keys {
+                let mut counts: BTreeMap<u8, i64> =
+                    redis_dbs.iter().map(|index| (*index, 0)).collect();
+                counts.extend(keys.iter().copied());
+                for (index, count) in counts {
                     samples.add(
                         "redis_db_keys",
                         &[("db", &format!("db{index}"))],
-                        *count as f64,
+                        count as f64,
                     );
                 }
             }
@@ -318,9 +323,13 @@ impl Collector for Exporter {
             &[],
             self.interval.as_secs_f64(),
         );
-        self.registry.read(|targets, _| {
+        self.registry.read(|targets, apps| {
+            let redis_dbs: BTreeSet<u8> = apps
+                .values()
+                .filter_map(|app| app.targets.redis_db)
+                .collect();
             for (key, target) in targets {
-                add_target(&mut samples, key, target);
+                add_target(&mut samples, key, target, &redis_dbs);
             }
         });
         FAMILIES

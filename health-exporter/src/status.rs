@@ -272,13 +272,16 @@ pub fn render(status: &Status) -> String {
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
          <meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\
          <title>hearth status</title><style>{STYLE}</style></head><body>\
-         <h1>hearth</h1><p class=\"sub\">{} apps · PostgreSQL {} · Redis {} · refreshes every {REFRESH_SECONDS} s</p>\
+         <h1>hearth</h1><p class=\"sub\">{} · PostgreSQL {} · Redis {} · refreshes every {REFRESH_SECONDS} s</p>\
          <main class=\"cards\">",
-        status.apps.len(),
+        summary(&status.apps),
         cluster_state(status.postgres.as_ref()),
         cluster_state(status.redis.as_ref()),
     );
-    for app in &status.apps {
+    // Trouble first: the cards that need a look lead, the healthy ones follow.
+    let mut apps: Vec<&AppStatus> = status.apps.iter().collect();
+    apps.sort_by_key(|app| (severity(app.state), app.namespace.as_str()));
+    for app in apps {
         let _ = write!(
             html,
             "<section class=\"card {state}\" data-namespace=\"{ns}\" data-state=\"{state}\">\
@@ -345,6 +348,32 @@ pub fn render(status: &Status) -> String {
     html
 }
 
+/// The order in which states need attention.
+const STATES: [&str; 4] = ["down", "degraded", "unknown", "up"];
+
+fn severity(state: &str) -> usize {
+    STATES
+        .iter()
+        .position(|s| *s == state)
+        .unwrap_or(STATES.len())
+}
+
+/// "4 apps: 1 down, 3 up".
+fn summary(apps: &[AppStatus]) -> String {
+    let counts: Vec<String> = STATES
+        .iter()
+        .filter_map(|state| {
+            let count = apps.iter().filter(|app| app.state == *state).count();
+            (count > 0).then(|| format!("{count} {state}"))
+        })
+        .collect();
+    match apps.len() {
+        0 => "no apps".to_owned(),
+        1 => format!("1 app: {}", counts.join(", ")),
+        n => format!("{n} apps: {}", counts.join(", ")),
+    }
+}
+
 fn cluster_state(target: Option<&TargetStatus>) -> &'static str {
     match target.and_then(|t| t.up) {
         None if target.is_none() => "not watched",
@@ -388,6 +417,7 @@ mod tests {
         assert!(html.contains("&lt;script&gt;"));
         assert!(html.contains("60 s ago"));
         assert!(html.contains("data-state=\"down\""));
+        assert!(html.contains("1 app: 1 down"), "{html}");
         assert!(html.contains("prefers-color-scheme:dark"));
         assert!(
             !html.contains("http://") && !html.contains("src="),

@@ -25,6 +25,7 @@ install_debian_packages() {
     have_postgres || missing+=(postgresql)
     command -v redis-server >/dev/null || missing+=(redis-server)
     command -v promtool >/dev/null || missing+=(prometheus)
+    command -v chromium >/dev/null || missing+=(chromium)
     command -v python3 >/dev/null || missing+=(python3)
     python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
     command -v node >/dev/null || missing+=(nodejs)

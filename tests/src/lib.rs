@@ -3,8 +3,10 @@
 //! helpers to run a service binary as a process and talk to its admin server.
 
 pub mod admin;
+pub mod browser;
 pub mod fake_api;
 pub mod fake_bitwarden;
+pub mod manifests;
 pub mod postgres;
 pub mod prometheus;
 pub mod redis;

@@ -194,3 +194,18 @@ pub fn promtool(args: &[&str]) -> Result<String, HarnessError> {
         )))
     }
 }
+
+/// Writes the rule groups of a PrometheusRule manifest as a plain Prometheus rules file in
+/// `dir` (JSON is YAML), named `hearth.rules.yaml`; its path.
+pub fn rules_file_from(prometheus_rule: &Path, dir: &Path) -> Result<PathBuf, HarnessError> {
+    let manifest = crate::manifests::yaml_file(prometheus_rule)?;
+    if manifest["kind"] != "PrometheusRule" {
+        return Err(HarnessError::Startup(format!(
+            "{} is not a PrometheusRule",
+            prometheus_rule.display()
+        )));
+    }
+    let path = dir.join("hearth.rules.yaml");
+    std::fs::write(&path, manifest["spec"].to_string())?;
+    Ok(path)
+}
