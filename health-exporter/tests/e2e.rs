@@ -283,6 +283,22 @@ async fn a_named_port_and_an_explicit_path_are_probed_and_a_foreign_secret_does_
         1.0,
     )
     .await;
+    // Secrets were only ever listed and watched by name, for their metadata: none was read.
+    let secret_requests: Vec<_> = stack
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| !r.from_harness && r.resource == "secrets")
+        .collect();
+    assert!(!secret_requests.is_empty());
+    for request in secret_requests {
+        assert!(
+            matches!(request.verb, "list" | "watch")
+                && request.metadata_only
+                && request.name.as_deref() == Some("hearth-db"),
+            "{request:?}"
+        );
+    }
 }
 
 /// Waits until `series` is 0 with `reason` counted; the exposition.

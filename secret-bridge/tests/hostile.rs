@@ -52,15 +52,6 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, within: 
     }
 }
 
-fn resident_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn the_allow_list_cannot_be_bypassed() {
     // Allowed: exactly the fake's identity and API paths.
@@ -136,7 +127,7 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_capped() {
     let bridge = Bridge::start(&[]).await;
     let token = bridge.fake.add_token();
     let id = bridge.fake.add_secret("k", "v", "", None);
-    let rss_before = resident_kib(bridge.process.pid());
+    let rss_before = hearth_tests::admin::resident_kib(bridge.process.pid(), false).unwrap();
 
     // 100 TLS connections sending a header slowly, 100 holding a large unfinished header,
     // 20 idle after a request: all closed by the 5 s header timeout.
@@ -164,7 +155,7 @@ async fn slow_and_idle_clients_are_cut_off_and_connections_capped() {
     // Meanwhile the bridge serves ESO.
     let (_, reply) = tokio::join!(trickle, bridge.get_secret(&token, &id));
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let rss_during = resident_kib(bridge.process.pid());
+    let rss_during = hearth_tests::admin::resident_kib(bridge.process.pid(), false).unwrap();
     let started = Instant::now();
     for stream in &mut slow {
         assert!(closed_within(stream, Duration::from_secs(8)).await);
@@ -248,7 +239,7 @@ async fn bogus_tokens_cost_bounded_memory_calls_and_time() {
     let token = bridge.fake.add_token();
     let id = bridge.fake.add_secret("k", "v", "", None);
     assert_eq!(bridge.get_secret(&token, &id).await.status, 200);
-    let rss_before = resident_kib(bridge.process.pid());
+    let rss_before = hearth_tests::admin::resident_kib(bridge.process.pid(), false).unwrap();
     let started = Instant::now();
     // 2,000 well-formed tokens Bitwarden does not know, 8 at a time.
     let bogus: Vec<String> = (0..2000)
@@ -277,7 +268,7 @@ async fn bogus_tokens_cost_bounded_memory_calls_and_time() {
     assert_eq!(bridge.fake.calls("login"), logins);
     let text = metrics(&bridge).await;
     assert_eq!(metric(&text, "hearth_secret_bridge_sessions"), 1.0);
-    let rss_after = resident_kib(bridge.process.pid());
+    let rss_after = hearth_tests::admin::resident_kib(bridge.process.pid(), false).unwrap();
     assert!(
         rss_after < rss_before + 4 * 1024,
         "RSS from {rss_before} to {rss_after} KiB"

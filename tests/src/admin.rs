@@ -177,6 +177,16 @@ impl Drop for ServiceProcess {
     }
 }
 
+/// A process's resident memory in KiB (`VmRSS`), or its peak (`VmHWM`) when `peak`.
+pub fn resident_kib(pid: u32, peak: bool) -> Option<u64> {
+    let field = if peak { "VmHWM:" } else { "VmRSS:" };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// Runs `promtool check metrics` (Debian package `prometheus`) over an exposition.
 pub fn promtool_check_metrics(exposition: &str) -> Result<(), HarnessError> {
     let promtool = on_path("promtool").ok_or(HarnessError::MissingBinary {

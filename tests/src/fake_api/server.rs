@@ -50,6 +50,8 @@ pub struct ApiRequest {
     /// API server does when it authorizes by resourceNames.
     pub name: Option<String>,
     pub from_harness: bool,
+    /// Asked for metadata only (`PartialObjectMetadata`): no data of the object was sent.
+    pub metadata_only: bool,
 }
 
 fn request_attributes(
@@ -84,6 +86,7 @@ fn request_attributes(
         namespace: target.namespace.clone(),
         name: target.name.clone().or(selected_name),
         from_harness: headers.contains_key(HARNESS_HEADER),
+        metadata_only: wants_metadata_only(headers),
     }
 }
 
