@@ -96,10 +96,12 @@ impl Context {
 
 /// Builds the context from options and runs the controller until shutdown.
 pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
-    let client = Client::try_default().await.map_err(|source| Error::Kube {
-        action: "connect",
-        source,
-    })?;
+    let client = hearth_runtime::kube_client(crate::SERVICE, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|source| Error::Kube {
+            action: "connect",
+            source,
+        })?;
     let metrics = Metrics::register(&process.registry)?;
     let postgres = options
         .postgres_admin_url

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use hearth_runtime::Sensitive;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -25,6 +25,10 @@ fn kube(action: &'static str) -> impl Fn(kube::Error) -> Error {
 
 fn is_conflict(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 409)
+}
+
+fn is_not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 404)
 }
 
 /// Redis index → owning namespace.
@@ -169,12 +173,18 @@ impl Credentials {
     }
 }
 
+/// The one Secret, in db-provisioner's own namespace, that holds every app's credentials, each
+/// under keys `<namespace>.<field>`. One name lets RBAC limit db-provisioner to it, so it can
+/// read no other Secret of its namespace.
+pub const CREDENTIALS: &str = "hearth-db-credentials";
+
 pub struct CredentialStore {
     api: Api<Secret>,
 }
 
-pub fn credentials_name(namespace: &str) -> String {
-    format!("hearth-db-credentials-{namespace}")
+/// The stored key of one field of one namespace's credentials.
+fn key(namespace: &str, field: &str) -> String {
+    format!("{namespace}.{field}")
 }
 
 impl CredentialStore {
@@ -187,77 +197,105 @@ impl CredentialStore {
     pub async fn load(&self, namespace: &str) -> Result<Option<Credentials>, Error> {
         let secret = self
             .api
-            .get_opt(&credentials_name(namespace))
+            .get_opt(CREDENTIALS)
             .await
             .map_err(kube("read credentials"))?;
-        Ok(secret.map(|secret| {
-            let data = secret.data.unwrap_or_default();
-            let text = |key: &str| {
-                data.get(key)
-                    .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
-            };
-            let mut credentials = Credentials {
-                rotation: text("rotation"),
-                next_rotation: text("rotation-next"),
-                ..Credentials::default()
-            };
-            for (key, field) in credentials.fields() {
-                *field = text(key).map(Sensitive::new);
-            }
-            credentials
-        }))
+        let data = secret.and_then(|secret| secret.data).unwrap_or_default();
+        let text = |field: &str| {
+            data.get(&key(namespace, field))
+                .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
+        };
+        let mut credentials = Credentials {
+            rotation: text("rotation"),
+            next_rotation: text("rotation-next"),
+            ..Credentials::default()
+        };
+        let mut any = credentials.rotation.is_some() || credentials.next_rotation.is_some();
+        for (field, value) in credentials.fields() {
+            *value = text(field).map(Sensitive::new);
+            any |= value.is_some();
+        }
+        Ok(any.then_some(credentials))
     }
 
+    /// Writes one namespace's credentials: its keys are set, or removed when empty, and no other
+    /// namespace's keys are touched (a JSON merge patch changes only the keys it names).
     pub async fn save(&self, namespace: &str, credentials: &Credentials) -> Result<(), Error> {
         let mut credentials = credentials.clone();
         let mut data = BTreeMap::new();
-        for (key, value) in [
+        for (field, value) in [
             ("rotation", credentials.rotation.clone()),
             ("rotation-next", credentials.next_rotation.clone()),
         ] {
-            if let Some(value) = value {
-                data.insert(key.to_owned(), ByteString(value.into_bytes()));
-            }
+            data.insert(key(namespace, field), value.map(String::into_bytes));
         }
-        for (key, field) in credentials.fields() {
-            if let Some(value) = field {
-                data.insert(
-                    key.to_owned(),
-                    ByteString(value.expose().clone().into_bytes()),
-                );
-            }
+        for (field, value) in credentials.fields() {
+            let value = value.as_ref().map(|v| v.expose().clone().into_bytes());
+            data.insert(key(namespace, field), value);
         }
-        let name = credentials_name(namespace);
-        let secret = json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {
-                "name": name,
-                "labels": {MANAGED_BY_LABEL: MANAGED_BY, "hearth.dev/namespace": namespace},
-            },
-            "type": "Opaque",
-            "data": data,
-        });
-        self.api
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&secret),
-            )
-            .await
-            .map_err(kube("write credentials"))?;
-        Ok(())
+        self.write(data).await
     }
 
+    /// Removes one namespace's credentials.
     pub async fn delete(&self, namespace: &str) -> Result<(), Error> {
-        match self
-            .api
-            .delete(&credentials_name(namespace), &DeleteParams::default())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-            Err(error) => Err(kube("delete credentials")(error)),
+        let data = Credentials::default()
+            .fields()
+            .map(|(field, _)| field)
+            .into_iter()
+            .chain(["rotation", "rotation-next"])
+            .map(|field| (key(namespace, field), None))
+            .collect();
+        self.write(data).await
+    }
+
+    /// Merges `data` into the Secret (`None` removes a key), creating it first when it is not
+    /// there.
+    async fn write(&self, data: BTreeMap<String, Option<Vec<u8>>>) -> Result<(), Error> {
+        let data: BTreeMap<String, Option<ByteString>> = data
+            .into_iter()
+            .map(|(key, value)| (key, value.map(ByteString)))
+            .collect();
+        for _ in 0..ATTEMPTS {
+            let patch = json!({"data": data});
+            match self
+                .api
+                .patch(CREDENTIALS, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(error) if is_not_found(&error) => {}
+                Err(error) => return Err(kube("write credentials")(error)),
+            }
+            let kept: BTreeMap<String, ByteString> = data
+                .iter()
+                .filter_map(|(key, value)| Some((key.clone(), value.clone()?)))
+                .collect();
+            if kept.is_empty() {
+                // Nothing to remove from a Secret that is not there.
+                return Ok(());
+            }
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(CREDENTIALS.to_owned()),
+                    labels: Some(BTreeMap::from([(
+                        MANAGED_BY_LABEL.to_owned(),
+                        MANAGED_BY.to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                },
+                type_: Some("Opaque".to_owned()),
+                data: Some(kept),
+                ..Secret::default()
+            };
+            match self.api.create(&PostParams::default(), &secret).await {
+                Ok(_) => return Ok(()),
+                // Made meanwhile by another writer: merge into it.
+                Err(error) if is_conflict(&error) => {}
+                Err(error) => return Err(kube("write credentials")(error)),
+            }
         }
+        Err(Error::Conflict(format!(
+            "Secret {CREDENTIALS} kept changing while it was written; will try again"
+        )))
     }
 }

@@ -138,7 +138,7 @@ async fn a_lost_or_edited_password_is_what_postgres_accepts_within_one_resync() 
 
     // The kept credentials are deleted: new passwords, which both servers take.
     let kept: Api<Secret> = Api::namespaced(stack.client.clone(), "hearth-system");
-    kept.delete("hearth-db-credentials-notes", &DeleteParams::default())
+    kept.delete("hearth-db-credentials", &DeleteParams::default())
         .await
         .unwrap();
     let second = eventually("new passwords in the Secret", WAIT, || async {

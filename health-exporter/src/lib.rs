@@ -110,7 +110,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
             Arc::clone(&registry),
             options.probe_interval,
         )?))?;
-    let client = kube::Client::try_default().await?;
+    let client = hearth_runtime::kube_client(SERVICE, env!("CARGO_PKG_VERSION")).await?;
     let (cluster, watches) =
         discovery::Cluster::watch(&client, options.common.watch_namespace.as_deref());
     for watch in watches {

@@ -10,7 +10,10 @@ async fn the_binary_answers_on_its_admin_port() {
     hearth_tests::admin::check_service_binary(
         env!("CARGO_BIN_EXE_health-exporter"),
         "health-exporter",
-        &[("KUBECONFIG", &kubeconfig), ("POD_NAMESPACE", "default")],
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("POD_NAMESPACE", "hearth-system"),
+        ],
     )
     .await
     .unwrap();

@@ -125,7 +125,7 @@ impl Context {
 
 /// Builds the context from options and runs the controller until shutdown.
 pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
-    let client = Client::try_default()
+    let client = hearth_runtime::kube_client(crate::SERVICE, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(crate::kube("connect"))?;
     let metrics = Metrics::register(&process.registry)?;

@@ -45,6 +45,19 @@ pub enum Error {
     Kube(#[from] kube::Error),
 }
 
+/// A Kubernetes client for the cluster the kubeconfig or the pod's service account names, that
+/// introduces itself as `hearth-<service>/<version>` (the API server's audit log shows which
+/// service made each request).
+pub async fn kube_client(service: &str, version: &str) -> Result<kube::Client, kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    if let Ok(agent) = axum::http::HeaderValue::try_from(format!("hearth-{service}/{version}")) {
+        config.headers.push((axum::http::header::USER_AGENT, agent));
+    }
+    kube::Client::try_from(config)
+}
+
 /// A running service process: logging set up, the admin server listening, signals handled.
 /// A service adds its own tasks through `shutdown` and its readiness gates through `readiness`.
 pub struct Process {

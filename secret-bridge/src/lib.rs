@@ -171,7 +171,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
         }
         _ => {
             // No files: a CA and certificate of our own, kept in a Secret in our namespace.
-            let client = kube::Client::try_default()
+            let client = hearth_runtime::kube_client(SERVICE, env!("CARGO_PKG_VERSION"))
                 .await
                 .map_err(|e| Error::Config(format!("Kubernetes API, connect: {e}")))?;
             let namespace = &options.common.pod_namespace;

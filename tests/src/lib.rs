@@ -9,6 +9,7 @@ pub mod fake_bitwarden;
 pub mod manifests;
 pub mod postgres;
 pub mod prometheus;
+pub mod rbac;
 pub mod redis;
 pub mod sites;
 pub mod tailscale;

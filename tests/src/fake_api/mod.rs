@@ -122,7 +122,14 @@ impl FakeApiServer {
 }
 
 impl Drop for FakeApiServer {
+    /// Stops the server, and fails the test when a hearth service asked for something the RBAC
+    /// in `deploy/` would refuse it (unless the test failed already).
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
+        if !std::thread::panicking()
+            && let Err(error) = crate::rbac::check_requests(&self.requests())
+        {
+            panic!("{error}");
+        }
     }
 }

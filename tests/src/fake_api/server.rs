@@ -50,6 +50,8 @@ pub struct ApiRequest {
     /// API server does when it authorizes by resourceNames.
     pub name: Option<String>,
     pub from_harness: bool,
+    /// Who asked: the product of the User-Agent (`hearth-db-provisioner`), empty when none.
+    pub agent: String,
     /// Asked for metadata only (`PartialObjectMetadata`): no data of the object was sent.
     pub metadata_only: bool,
 }
@@ -86,6 +88,12 @@ fn request_attributes(
         namespace: target.namespace.clone(),
         name: target.name.clone().or(selected_name),
         from_harness: headers.contains_key(HARNESS_HEADER),
+        agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|agent| agent.to_str().ok())
+            .and_then(|agent| agent.split('/').next())
+            .unwrap_or_default()
+            .to_owned(),
         metadata_only: wants_metadata_only(headers),
     }
 }
