@@ -24,6 +24,8 @@ use hearth_runtime::http::{self, ConnectionMetrics, Limits};
 /// The fake imposes nothing of its own: slowness is what a test injects.
 const LIMITS: Limits = Limits {
     max_connections: 4096,
+    max_connections_per_peer: 4096,
+    max_connection_age: Duration::from_secs(3600),
     handshake_timeout: Duration::from_secs(60),
     request_head_timeout: Duration::from_secs(60),
     max_header_bytes: 64 * 1024,
