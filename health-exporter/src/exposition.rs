@@ -41,6 +41,12 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         &["kind", "namespace", "target"],
     ),
     (
+        "hearth_probe_age_seconds",
+        "Seconds since the target's last check ended, as the exporter's clock says at the scrape (so a clock that differs from Prometheus' does not matter).",
+        MetricType::GAUGE,
+        &["kind", "namespace", "target"],
+    ),
+    (
         "hearth_probe_interval_seconds",
         "How often each target is checked (PROBE_INTERVAL); results are served from the last check, never fetched during a scrape.",
         MetricType::GAUGE,
@@ -80,7 +86,7 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         "pg_stat_database_numbackends",
         "Backends connected to the database (postgres_exporter's name).",
         MetricType::GAUGE,
-        &["datname"],
+        &["datid", "datname"],
     ),
     (
         "redis_up",
@@ -120,13 +126,13 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
     ),
     (
         "probe_http_status_code",
-        "The HTTP status the app's probe got (blackbox_exporter's name).",
+        "The HTTP status the app's probe got, 0 when none came (blackbox_exporter's name).",
         MetricType::GAUGE,
         &["namespace", "target"],
     ),
     (
         "probe_ssl_earliest_cert_expiry",
-        "When the published URL's first certificate expires, in Unix seconds (blackbox_exporter's name).",
+        "When the certificate of the published URL's chain that expires first expires, in Unix seconds (blackbox_exporter's name).",
         MetricType::GAUGE,
         &["namespace", "target"],
     ),
@@ -159,9 +165,9 @@ impl Exporter {
     }
 }
 
-/// Samples of one scrape, grouped by family.
+/// Samples of one scrape, grouped by family: (labels, value).
 #[derive(Default)]
-struct Samples(BTreeMap<&'static str, Vec<Metric>>);
+struct Samples(BTreeMap<&'static str, Vec<(Vec<LabelPair>, f64)>>);
 
 impl Samples {
     fn add(&mut self, family: &'static str, labels: &[(&str, &str)], value: f64) {
@@ -174,20 +180,30 @@ impl Samples {
                 pair
             })
             .collect();
-        let mut metric = Metric::from_label(pairs);
-        let counter = FAMILIES
-            .iter()
-            .any(|(name, _, kind, _)| *name == family && *kind == MetricType::COUNTER);
-        if counter {
-            let mut sample = Counter::default();
-            sample.set_value(value);
-            metric.set_counter(sample);
-        } else {
-            let mut sample = Gauge::default();
-            sample.set_value(value);
-            metric.set_gauge(sample);
-        }
-        self.0.entry(family).or_default().push(metric);
+        self.0.entry(family).or_default().push((pairs, value));
+    }
+
+    /// The family's metrics, each a counter or a gauge as the family is.
+    fn take(&mut self, family: &str, kind: MetricType) -> Option<Vec<Metric>> {
+        let samples = self.0.remove(family)?;
+        Some(
+            samples
+                .into_iter()
+                .map(|(labels, value)| {
+                    let mut metric = Metric::from_label(labels);
+                    if kind == MetricType::COUNTER {
+                        let mut counter = Counter::default();
+                        counter.set_value(value);
+                        metric.set_counter(counter);
+                    } else {
+                        let mut gauge = Gauge::default();
+                        gauge.set_value(value);
+                        metric.set_gauge(gauge);
+                    }
+                    metric
+                })
+                .collect(),
+        )
     }
 }
 
@@ -232,6 +248,10 @@ fn add_target(samples: &mut Samples, key: &TargetKey, target: &Target, redis_dbs
         &labels,
         seconds(*ran),
     );
+    let age = SystemTime::now()
+        .duration_since(*ran)
+        .unwrap_or(Duration::ZERO);
+    samples.add("hearth_probe_age_seconds", &labels, age.as_secs_f64());
     for outcome in Outcome::ALL {
         let count = target.probes.get(&outcome).copied().unwrap_or(0);
         let mut with = labels.to_vec();
@@ -255,9 +275,11 @@ fn add_target(samples: &mut Samples, key: &TargetKey, target: &Target, redis_dbs
                 &app,
                 report.duration.as_secs_f64(),
             );
-            if let Detail::Http { status } = detail {
-                samples.add("probe_http_status_code", &app, f64::from(*status));
-            }
+            let status = match detail {
+                Detail::Http { status } => f64::from(*status),
+                _ => 0.0,
+            };
+            samples.add("probe_http_status_code", &app, status);
         }
         (Kind::Tls, Detail::Tls { earliest_expiry }) => {
             samples.add(
@@ -276,12 +298,17 @@ fn add_target(samples: &mut Samples, key: &TargetKey, target: &Target, redis_dbs
         (Kind::Postgres, detail) => {
             samples.add("pg_up", &[], flag(up));
             if let Detail::Postgres { databases } = detail {
-                for (datname, size, backends) in databases {
-                    let labels = [("datname", datname.as_str())];
-                    if let Some(size) = size {
-                        samples.add("pg_database_size_bytes", &labels, *size as f64);
+                for database in databases {
+                    let name = [("datname", database.name.as_str())];
+                    if let Some(size) = database.size_bytes {
+                        samples.add("pg_database_size_bytes", &name, size as f64);
                     }
-                    samples.add("pg_stat_database_numbackends", &labels, *backends as f64);
+                    let oid = database.oid.to_string();
+                    samples.add(
+                        "pg_stat_database_numbackends",
+                        &[("datid", &oid), ("datname", &database.name)],
+                        database.backends as f64,
+                    );
                 }
             }
         }
@@ -335,7 +362,7 @@ impl Collector for Exporter {
         FAMILIES
             .iter()
             .filter_map(|(name, help, kind, _)| {
-                let metrics = samples.0.remove(name)?;
+                let metrics = samples.take(name, *kind)?;
                 let mut family = MetricFamily::default();
                 family.set_name((*name).to_owned());
                 family.set_help((*help).to_owned());

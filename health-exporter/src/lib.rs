@@ -55,6 +55,11 @@ pub struct Options {
     /// PEM CA certificates to trust for HTTPS probes, besides the system's.
     #[arg(long, env = "PROBE_CA_FILE")]
     pub probe_ca_file: Option<PathBuf>,
+
+    /// Check the certificates of the apps' published URLs (`hearth.dev/url`). Their `*.ts.net`
+    /// names resolve and answer only on the tailnet: turn this on once this pod can reach it.
+    #[arg(long, env = "PROBE_PUBLISHED_URLS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub probe_published_urls: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +74,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
 }
 
-/// How long after discovery a new target is first checked: soon, but spread out.
+/// How long after discovery a new target is first checked: within a second or so (a round of
+/// checks should not wait), a little apart; `PROBE_CONCURRENCY` bounds the burst.
 fn first_check(interval: Duration) -> impl Fn() -> Duration {
     let spread = interval.min(Duration::from_secs(2));
     move || prober::jittered(spread / 2)
@@ -146,6 +152,7 @@ pub async fn run(options: Options) -> Result<(), Error> {
     });
     let token = process.shutdown.token();
     let first = first_check(options.probe_interval);
+    let published_urls = options.probe_published_urls;
     process.shutdown.spawn("discovery", async move {
         loop {
             let changed = tokio::select! {
@@ -157,11 +164,11 @@ pub async fn run(options: Options) -> Result<(), Error> {
                 // Let a burst of watch events settle into one pass.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let (wanted, apps) = cluster.targets(watch_postgres, watch_redis);
+            let (wanted, apps) = cluster.targets(watch_postgres, watch_redis, published_urls);
             registry.set_targets(wanted, &first);
             registry.set_apps(apps);
             if changed {
-                registry.due_now(true);
+                registry.cluster_checks_due();
             }
         }
     });

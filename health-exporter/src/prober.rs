@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::discovery::Cluster;
 use crate::probe::{Detail, PostgresProbe, Reason, RedisProbe, Report, WebProbe};
-use crate::registry::{Check, Registry};
-use crate::targets::{Kind, TargetKey};
+use crate::registry::{Check, Due, Registry};
+use crate::targets::{HttpTarget, Kind, TargetKey};
 
 /// How often due targets are looked for.
 const TICK: Duration = Duration::from_millis(200);
@@ -38,6 +38,34 @@ pub fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + f64::from(byte[0]) / 255.0 * 0.2)
 }
 
+/// How soon a cluster check waiting for its watch's first listing is looked at again.
+const UNSYNCED_RETRY: Duration = Duration::from_secs(1);
+
+/// A probe under way; dropped without a result (its task panicked), it records one, so the
+/// target is never left marked in flight.
+struct InFlight<'a> {
+    registry: &'a Registry,
+    due: Due,
+    next_in: Duration,
+    done: bool,
+}
+
+impl InFlight<'_> {
+    fn record(mut self, report: Report) {
+        self.done = true;
+        self.registry.record(&self.due, report, self.next_in);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let report = Report::failure(Reason::Protocol, "the check stopped unexpectedly");
+            self.registry.record(&self.due, report, self.next_in);
+        }
+    }
+}
+
 impl Prober {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
@@ -45,40 +73,67 @@ impl Prober {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(TICK) => {}
             }
-            for (key, check) in self.registry.take_due() {
-                let prober = Arc::clone(&self);
-                tokio::spawn(async move { prober.probe(key, check).await });
+            for due in self.registry.take_due() {
+                if due.check.is_network() {
+                    let prober = Arc::clone(&self);
+                    tokio::spawn(async move { prober.probe(due).await });
+                } else {
+                    // Reads what is in memory: at once, never queued behind slow probes.
+                    self.look(due);
+                }
             }
         }
     }
 
-    async fn probe(&self, key: TargetKey, check: Check) {
+    /// A network check, within the concurrency cap and the deadline.
+    async fn probe(&self, due: Due) {
         let Ok(_permit) = self.permits.acquire().await else {
+            self.registry.skip(&due, self.interval);
             return;
         };
+        let in_flight = InFlight {
+            registry: &self.registry,
+            next_in: jittered(self.interval),
+            due,
+            done: false,
+        };
         let started = Instant::now();
-        let mut report = match tokio::time::timeout(self.timeout, self.check(&key, &check)).await {
+        let check = self.check(&in_flight.due.key, &in_flight.due.check);
+        let mut report = match tokio::time::timeout(self.timeout, check).await {
             Ok(report) => report,
             Err(_) => Report::timeout(self.timeout),
         };
         report.duration = started.elapsed();
         if let Some(reason) = report.reason {
-            tracing::debug!(target = %key, reason = reason.as_str(), message = %report.message, "probe failed");
+            tracing::debug!(target = %in_flight.due.key, reason = reason.as_str(), message = %report.message, "check failed");
         }
-        self.registry.record(&key, report, jittered(self.interval));
+        in_flight.record(report);
+    }
+
+    /// A check of what the cluster says, or of an invalid annotation.
+    fn look(&self, due: Due) {
+        if !self.cluster.synced(due.key.kind) {
+            self.registry.skip(&due, UNSYNCED_RETRY);
+            return;
+        }
+        let report = match &due.check {
+            Check::Invalid(why) => Report::failure(Reason::InvalidAnnotation, why.clone()),
+            _ => self.cluster_check(&due.key),
+        };
+        self.registry.record(&due, report, jittered(self.interval));
     }
 
     async fn check(&self, key: &TargetKey, check: &Check) -> Report {
         match check {
-            Check::Http {
-                service: Some((service, port, path)),
-                ..
-            } => self.service(&key.namespace, service, port, path).await,
-            Check::Http { url: Some(url), .. } => match url.as_str().parse::<Uri>() {
+            Check::Http(HttpTarget::Service {
+                service,
+                port,
+                path,
+            }) => self.service(&key.namespace, service, port, path).await,
+            Check::Http(HttpTarget::Url(url)) => match url.as_str().parse::<Uri>() {
                 Ok(uri) => self.web.http(uri, None).await,
                 Err(error) => Report::failure(Reason::InvalidAnnotation, error.to_string()),
             },
-            Check::Http { .. } => Report::failure(Reason::InvalidAnnotation, "nothing to probe"),
             Check::Tls { host, port } => self.web.certificate(host, *port).await,
             Check::Postgres => match &self.postgres {
                 Some(postgres) => postgres.probe().await,
@@ -88,8 +143,9 @@ impl Prober {
                 Some(redis) => redis.probe().await,
                 None => Report::failure(Reason::Missing, "REDIS_URL is not set"),
             },
-            Check::Cluster => self.cluster_check(key),
-            Check::Invalid(why) => Report::failure(Reason::InvalidAnnotation, why.clone()),
+            Check::Cluster | Check::Invalid(_) => {
+                Report::failure(Reason::Protocol, "not a network check")
+            }
         }
     }
 
@@ -105,6 +161,16 @@ impl Prober {
                     format!("Service {name} does not exist in namespace {namespace}"),
                 );
             }
+            Err(kube::Error::Api(status)) if status.code == 401 || status.code == 403 => {
+                return Report::failure(
+                    Reason::Auth,
+                    format!(
+                        "reading Service {name} was refused ({}); the ClusterRole \
+                         hearth-health-exporter must allow get on services",
+                        status.message
+                    ),
+                );
+            }
             Err(error) => {
                 return Report::failure(
                     Reason::Connect,
@@ -114,7 +180,13 @@ impl Prober {
         };
         let spec = service.spec.unwrap_or_default();
         let Some(ip) = spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None") else {
-            return Report::failure(Reason::Missing, format!("Service {name} has no cluster IP"));
+            return Report::failure(
+                Reason::Missing,
+                format!(
+                    "Service {name} has no cluster IP (headless or ExternalName); name a URL in \
+                     hearth.dev/probe instead"
+                ),
+            );
         };
         let number = spec
             .ports
@@ -191,20 +263,28 @@ impl Prober {
                     let ready = conditions.iter().flatten().find(|c| c["type"] == "Ready");
                     match ready {
                         Some(c) if c["status"] == "True" => Report::success(Detail::None),
+                        // Only the condition's reason: its message is ESO's error text, and
+                        // the status page is readable without the RBAC that guards it.
                         Some(c) => Report::failure(
                             Reason::NotReady,
-                            c["message"]
-                                .as_str()
-                                .unwrap_or("not ready")
-                                .chars()
-                                .take(300)
-                                .collect::<String>(),
+                            format!(
+                                "ESO reports it not ready ({}); `kubectl -n {namespace} describe \
+                                 externalsecret {name}` says why",
+                                c["reason"]
+                                    .as_str()
+                                    .unwrap_or("no reason given")
+                                    .chars()
+                                    .take(64)
+                                    .collect::<String>()
+                            ),
                         ),
                         None => Report::failure(Reason::NotReady, "ESO has not synced it yet"),
                     }
                 }
             },
-            _ => Report::failure(Reason::Protocol, "not a cluster check"),
+            Kind::Http | Kind::Tls | Kind::Postgres | Kind::Redis => {
+                Report::failure(Reason::Protocol, "not a cluster check")
+            }
         }
     }
 }

@@ -2,20 +2,18 @@
 //! the background; `/metrics` and the status page read it, so a scrape never waits on a target.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::probe::{Outcome, Reason, Report};
-use crate::targets::{AppTargets, TargetKey};
+use crate::targets::{AppTargets, HttpTarget, TargetKey};
 
 /// How a target is checked.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Check {
-    /// An HTTP GET: the URL, and the Host header when the URL names a cluster IP.
-    Http {
-        service: Option<(String, hearth_runtime::annotations::ServicePort, String)>,
-        url: Option<url::Url>,
-    },
+    /// An HTTP GET of a Service or a URL.
+    Http(HttpTarget),
     /// The certificate of the published URL.
     Tls {
         host: String,
@@ -29,10 +27,23 @@ pub enum Check {
     Invalid(String),
 }
 
+impl Check {
+    /// Whether the check goes over the network (and so waits for a place among
+    /// `PROBE_CONCURRENCY`), rather than reading what is already known.
+    pub fn is_network(&self) -> bool {
+        matches!(
+            self,
+            Self::Http(_) | Self::Tls { .. } | Self::Postgres | Self::Redis
+        )
+    }
+}
+
 /// Everything held for one target.
 #[derive(Debug)]
 pub struct Target {
     pub check: Check,
+    /// Tells this target's probes from those of a target of the same key it replaced.
+    pub generation: u64,
     pub last: Option<(SystemTime, Report)>,
     pub last_success: Option<SystemTime>,
     pub last_failure: Option<(SystemTime, Reason, String)>,
@@ -42,10 +53,14 @@ pub struct Target {
     pub in_flight: bool,
 }
 
+/// Generations, unique in the process.
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
 impl Target {
     fn new(check: Check, due: Instant) -> Self {
         Self {
             check,
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             last: None,
             last_success: None,
             last_failure: None,
@@ -69,6 +84,15 @@ pub struct App {
     pub targets: AppTargets,
 }
 
+/// A probe handed out by [`Registry::take_due`]: what to check, and for which generation of
+/// the target.
+#[derive(Clone, Debug)]
+pub struct Due {
+    pub key: TargetKey,
+    pub check: Check,
+    pub generation: u64,
+}
+
 #[derive(Default)]
 pub struct Registry {
     targets: Mutex<BTreeMap<TargetKey, Target>>,
@@ -80,18 +104,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Registry {
-    /// Makes the set of targets exactly `wanted`: new ones are due after `first_in`, changed
-    /// checks start afresh, and targets no longer wanted vanish (and vanish from `/metrics`).
+    /// Makes the set of targets exactly `wanted`: new ones are due after `first_in`, a target
+    /// whose check changed starts afresh (its old results and counts are not its own) and is due
+    /// now, and targets no longer wanted vanish (and vanish from `/metrics`).
     pub fn set_targets(&self, wanted: BTreeMap<TargetKey, Check>, first_in: impl Fn() -> Duration) {
         let now = Instant::now();
         let mut targets = lock(&self.targets);
         targets.retain(|key, _| wanted.contains_key(key));
         for (key, check) in wanted {
-            match targets.get_mut(&key) {
+            match targets.get(&key) {
                 Some(target) if target.check == check => {}
-                Some(target) => {
-                    target.check = check;
-                    target.due = now;
+                Some(_) => {
+                    targets.insert(key, Target::new(check, now));
                 }
                 None => {
                     targets.insert(key, Target::new(check, now + first_in()));
@@ -105,7 +129,7 @@ impl Registry {
     }
 
     /// Targets due now and not being probed; they are marked as in flight.
-    pub fn take_due(&self) -> Vec<(TargetKey, Check)> {
+    pub fn take_due(&self) -> Vec<Due> {
         let now = Instant::now();
         let mut targets = lock(&self.targets);
         targets
@@ -113,17 +137,24 @@ impl Registry {
             .filter(|(_, target)| !target.in_flight && target.due <= now)
             .map(|(key, target)| {
                 target.in_flight = true;
-                (key.clone(), target.check.clone())
+                Due {
+                    key: key.clone(),
+                    check: target.check.clone(),
+                    generation: target.generation,
+                }
             })
             .collect()
     }
 
-    /// Records a probe's result; the next one is due after `next_in`.
-    pub fn record(&self, key: &TargetKey, report: Report, next_in: Duration) {
+    /// Records a probe's result; the next one is due after `next_in`. A result for a target
+    /// that was removed or replaced meanwhile is dropped.
+    pub fn record(&self, due: &Due, report: Report, next_in: Duration) {
         let now = SystemTime::now();
         let mut targets = lock(&self.targets);
-        // A target removed while it was probed stays removed.
-        let Some(target) = targets.get_mut(key) else {
+        let Some(target) = targets
+            .get_mut(&due.key)
+            .filter(|target| target.generation == due.generation)
+        else {
             return;
         };
         *target.probes.entry(report.outcome).or_default() += 1;
@@ -139,11 +170,23 @@ impl Registry {
         target.due = Instant::now() + next_in;
     }
 
-    /// Asks for every target of these kinds to be checked now (the cluster changed).
-    pub fn due_now(&self, cluster_only: bool) {
+    /// Hands a probe back unrecorded (what it needs is not known yet): due again after `retry_in`.
+    pub fn skip(&self, due: &Due, retry_in: Duration) {
+        let mut targets = lock(&self.targets);
+        if let Some(target) = targets
+            .get_mut(&due.key)
+            .filter(|target| target.generation == due.generation)
+        {
+            target.in_flight = false;
+            target.due = Instant::now() + retry_in;
+        }
+    }
+
+    /// Asks for every check that reads the cluster to run now (the cluster changed).
+    pub fn cluster_checks_due(&self) {
         let now = Instant::now();
         for target in lock(&self.targets).values_mut() {
-            if !cluster_only || target.check == Check::Cluster {
+            if target.check == Check::Cluster {
                 target.due = target.due.min(now);
             }
         }
@@ -174,6 +217,10 @@ mod tests {
         }
     }
 
+    fn url(text: &str) -> Check {
+        Check::Http(HttpTarget::Url(url::Url::parse(text).unwrap()))
+    }
+
     #[test]
     fn targets_come_and_go_and_one_probe_at_a_time() {
         let registry = Registry::default();
@@ -186,12 +233,12 @@ mod tests {
             "in flight: not handed out again"
         );
         registry.record(
-            &key("a"),
+            &due[0],
             Report::success(Detail::None),
             Duration::from_secs(60),
         );
         registry.record(
-            &key("b"),
+            &due[1],
             Report::failure(Reason::Missing, "gone"),
             Duration::ZERO,
         );
@@ -203,11 +250,48 @@ mod tests {
         registry.set_targets(BTreeMap::from([(key("a"), Check::Cluster)]), || {
             Duration::ZERO
         });
-        registry.record(&key("b"), Report::success(Detail::None), Duration::ZERO);
+        registry.record(&due[1], Report::success(Detail::None), Duration::ZERO);
         registry.read(|targets, _| {
             assert_eq!(targets.len(), 1, "b vanished and stays vanished");
             assert!(targets[&key("a")].up());
             assert_eq!(targets[&key("a")].probes[&Outcome::Success], 1);
         });
+    }
+
+    #[test]
+    fn a_check_changed_while_probed_starts_afresh_and_the_old_result_is_dropped() {
+        let registry = Registry::default();
+        registry.set_targets(
+            BTreeMap::from([(key("web"), url("http://web/slow"))]),
+            || Duration::ZERO,
+        );
+        let old = registry.take_due().remove(0);
+        registry.set_targets(
+            BTreeMap::from([(key("web"), url("http://web/healthz"))]),
+            || Duration::from_secs(60),
+        );
+        // The new check is due at once, though the old probe has not ended.
+        let new = registry.take_due();
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].check, url("http://web/healthz"));
+        registry.record(
+            &old,
+            Report::failure(Reason::Timeout, "slow"),
+            Duration::ZERO,
+        );
+        registry.read(|targets, _| {
+            let target = &targets[&key("web")];
+            assert!(
+                target.last.is_none(),
+                "the old check's result is not the new one's"
+            );
+            assert!(target.in_flight, "the new probe is still running");
+        });
+        registry.record(
+            &new[0],
+            Report::success(Detail::None),
+            Duration::from_secs(60),
+        );
+        registry.read(|targets, _| assert!(targets[&key("web")].up()));
     }
 }

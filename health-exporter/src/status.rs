@@ -21,6 +21,10 @@ use crate::targets::{Kind, TargetKey};
 /// How often the page reloads itself.
 const REFRESH_SECONDS: u32 = 30;
 
+/// What the page may load: its own inline styles, nothing else.
+const CONTENT_SECURITY_POLICY: &str =
+    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'";
+
 pub fn router(registry: Arc<Registry>) -> Router {
     Router::new()
         .route("/", get(page))
@@ -42,8 +46,11 @@ pub struct Status {
 #[serde(rename_all = "camelCase")]
 pub struct AppStatus {
     pub namespace: String,
-    /// `up`, `degraded` (something besides the app itself is down), `down`, or `unknown`.
+    /// `down` (the app's own check failed), `degraded` (something it needs failed: a Secret,
+    /// an Ingress, a database it uses), `unknown` (not everything checked yet), or `up`.
     pub state: &'static str,
+    /// Unix seconds of its least recent check, `None` until checked.
+    pub checked: Option<u64>,
     pub url: Option<String>,
     pub database: Option<String>,
     pub database_size_bytes: Option<i64>,
@@ -62,6 +69,8 @@ pub struct TargetStatus {
     pub target: String,
     /// `None` until checked once.
     pub up: Option<bool>,
+    /// Unix seconds of the last check.
+    pub checked: Option<u64>,
     pub reason: Option<&'static str>,
     pub message: Option<String>,
 }
@@ -85,6 +94,7 @@ fn target_status(key: &TargetKey, target: &Target) -> TargetStatus {
         kind: key.kind.as_str(),
         target: key.target.clone(),
         up: report.map(|_| target.up()),
+        checked: target.last.as_ref().map(|(at, _)| unix(*at)),
         reason: report.and_then(|r| r.reason).map(Reason::as_str),
         message: report
             .filter(|r| !r.message.is_empty())
@@ -92,32 +102,50 @@ fn target_status(key: &TargetKey, target: &Target) -> TargetStatus {
     }
 }
 
+/// An app's state from its checks: those of its own and the shared databases it uses.
+fn state(checks: &[(&TargetKey, &Target)]) -> &'static str {
+    let failed = |target: &Target| target.last.is_some() && !target.up();
+    if checks
+        .iter()
+        .any(|(key, target)| key.kind == Kind::Http && failed(target))
+    {
+        "down"
+    } else if checks.iter().any(|(_, target)| failed(target)) {
+        "degraded"
+    } else if checks.is_empty() || checks.iter().any(|(_, target)| target.last.is_none()) {
+        "unknown"
+    } else {
+        "up"
+    }
+}
+
+/// What a shared database's last check learned.
+fn detail<'a>(target: Option<(&TargetKey, &'a Target)>) -> Option<&'a Detail> {
+    target
+        .and_then(|(_, t)| t.last.as_ref())
+        .map(|(_, report)| &report.detail)
+}
+
 /// The facts, from the registry. Pure given the registry's content.
 pub fn status(targets: &BTreeMap<TargetKey, Target>, apps: &BTreeMap<String, App>) -> Status {
-    let cluster = |kind: Kind| targets.iter().find(|(key, _)| key.kind == kind);
-    let postgres = cluster(Kind::Postgres);
-    let redis = cluster(Kind::Redis);
+    let shared = |kind: Kind| targets.iter().find(|(key, _)| key.kind == kind);
+    let postgres = shared(Kind::Postgres);
+    let redis = shared(Kind::Redis);
     let apps = apps
         .iter()
         .map(|(namespace, app)| {
-            let own: Vec<(&TargetKey, &Target)> = targets
+            let mut checks: Vec<(&TargetKey, &Target)> = targets
                 .iter()
                 .filter(|(key, _)| key.namespace == *namespace)
                 .collect();
-            let checked = own.iter().filter(|(_, t)| t.last.is_some()).count();
-            let down: Vec<&&TargetKey> = own
-                .iter()
-                .filter(|(_, t)| t.last.is_some() && !t.up())
-                .map(|(key, _)| key)
-                .collect();
-            let app_down = down.iter().any(|key| key.kind == Kind::Http);
-            let state = match (checked, down.len(), app_down) {
-                (0, _, _) => "unknown",
-                (_, 0, _) => "up",
-                (_, _, true) => "down",
-                _ => "degraded",
-            };
-            let last_failure = own
+            // The shared databases it uses count towards its state, and are shown with it.
+            if app.targets.database.is_some() {
+                checks.extend(postgres);
+            }
+            if app.targets.redis_db.is_some() {
+                checks.extend(redis);
+            }
+            let last_failure = checks
                 .iter()
                 .filter_map(|(key, t)| {
                     t.last_failure
@@ -130,37 +158,39 @@ pub fn status(targets: &BTreeMap<TargetKey, Target>, apps: &BTreeMap<String, App
                         })
                 })
                 .max_by_key(|failure| failure.at);
-            let database_size_bytes = app.targets.database.as_ref().and_then(|name| match postgres
-                .and_then(|(_, t)| t.last.as_ref())
-                .map(|(_, r)| &r.detail)
-            {
-                Some(Detail::Postgres { databases }) => databases
-                    .iter()
-                    .find(|(datname, _, _)| datname == name)
-                    .and_then(|(_, size, _)| *size),
+            let database_size_bytes =
+                app.targets
+                    .database
+                    .as_ref()
+                    .and_then(|name| match detail(postgres) {
+                        Some(Detail::Postgres { databases }) => databases
+                            .iter()
+                            .find(|database| database.name == *name)
+                            .and_then(|database| database.size_bytes),
+                        _ => None,
+                    });
+            let redis_keys = app.targets.redis_db.and_then(|index| match detail(redis) {
+                Some(Detail::Redis { keys, .. }) => Some(
+                    keys.iter()
+                        .find(|(db, _)| *db == index)
+                        .map_or(0, |(_, count)| *count),
+                ),
                 _ => None,
             });
-            let redis_keys = app.targets.redis_db.and_then(|index| {
-                match redis
-                    .and_then(|(_, t)| t.last.as_ref())
-                    .map(|(_, r)| &r.detail)
-                {
-                    Some(Detail::Redis { keys, .. }) => Some(
-                        keys.iter()
-                            .find(|(db, _)| *db == index)
-                            .map_or(0, |(_, count)| *count),
-                    ),
-                    _ => None,
-                }
-            });
-            let secrets: Vec<&&Target> = own
+            let secrets: Vec<&Target> = checks
                 .iter()
                 .filter(|(key, _)| key.kind == Kind::ExternalSecret)
-                .map(|(_, t)| t)
+                .map(|(_, t)| *t)
                 .collect();
+            let checked = checks
+                .iter()
+                .map(|(_, t)| t.last.as_ref().map(|(at, _)| unix(*at)))
+                .collect::<Option<Vec<u64>>>()
+                .and_then(|times| times.into_iter().min());
             AppStatus {
                 namespace: namespace.clone(),
-                state,
+                state: state(&checks),
+                checked,
                 url: app
                     .targets
                     .url
@@ -173,7 +203,10 @@ pub fn status(targets: &BTreeMap<TargetKey, Target>, apps: &BTreeMap<String, App
                 secrets_synced: secrets.iter().filter(|t| t.up()).count(),
                 secrets_total: secrets.len(),
                 last_failure,
-                targets: own.iter().map(|(key, t)| target_status(key, t)).collect(),
+                targets: checks
+                    .iter()
+                    .map(|(key, t)| target_status(key, t))
+                    .collect(),
             }
         })
         .collect();
@@ -197,12 +230,24 @@ async fn json(State(registry): State<Arc<Registry>>) -> Response {
     }
 }
 
-async fn page(State(registry): State<Arc<Registry>>) -> Response {
-    let html = render(&registry.read(status));
+/// `?refresh=<seconds>`; `?refresh=0` turns the page's reloading off (each reload loses a
+/// reader's place). Clamped to a day.
+fn refresh_from(uri: &axum::http::Uri) -> u32 {
+    url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .find(|(name, _)| name == "refresh")
+        .and_then(|(_, value)| value.parse::<u32>().ok())
+        .map_or(REFRESH_SECONDS, |seconds| seconds.min(86_400))
+}
+
+async fn page(State(registry): State<Arc<Registry>>, uri: axum::http::Uri) -> Response {
+    let refresh = refresh_from(&uri);
+    let html = render(&registry.read(status), refresh);
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
         html,
     )
@@ -246,7 +291,7 @@ fn ago(at: u64, now: u64) -> String {
 
 const STYLE: &str = "\
 :root{color-scheme:light dark;--bg:#f6f7f9;--card:#fff;--text:#1c1e21;--muted:#5f6368;\
---up:#1e8e3e;--down:#d93025;--degraded:#e37400;--unknown:#80868b;--border:#dadce0}\
+--up:#137333;--down:#c5221f;--degraded:#a35200;--unknown:#5f6368;--border:#dadce0}\
 @media (prefers-color-scheme:dark){:root{--bg:#17181a;--card:#222326;--text:#e8eaed;\
 --muted:#9aa0a6;--up:#81c995;--down:#f28b82;--degraded:#fdd663;--unknown:#9aa0a6;--border:#3c4043}}\
 *{box-sizing:border-box}body{margin:0;padding:1rem;background:var(--bg);color:var(--text);\
@@ -263,20 +308,30 @@ border-radius:.5rem;padding:.75rem 1rem}.card.up{border-left-color:var(--up)}\
 dl{margin:.5rem 0 0;display:grid;grid-template-columns:auto 1fr;gap:.15rem .75rem;font-size:.9rem}\
 dt{color:var(--muted)}dd{margin:0}.failure{margin-top:.5rem;font-size:.85rem;color:var(--muted)}";
 
-/// The page, from the facts. Pure.
-pub fn render(status: &Status) -> String {
+/// The page, from the facts; it reloads itself every `refresh` seconds (0: never). Pure.
+pub fn render(status: &Status, refresh: u32) -> String {
+    let (reload, reloading) = if refresh == 0 {
+        (
+            String::new(),
+            "<a href=\"?\">reload every 30 s</a>".to_owned(),
+        )
+    } else {
+        (
+            format!("<meta http-equiv=\"refresh\" content=\"{refresh}\">"),
+            format!("refreshes every {refresh} s (<a href=\"?refresh=0\">stop</a>)"),
+        )
+    };
     let mut html = String::new();
     let _ = write!(
         html,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">{reload}\
          <title>hearth status</title><style>{STYLE}</style></head><body>\
-         <h1>hearth</h1><p class=\"sub\">{} · PostgreSQL {} · Redis {} · refreshes every {REFRESH_SECONDS} s</p>\
+         <h1>hearth</h1><p class=\"sub\">{} · PostgreSQL {} · Redis {} · {reloading}</p>\
          <main class=\"cards\">",
         summary(&status.apps),
-        cluster_state(status.postgres.as_ref()),
-        cluster_state(status.redis.as_ref()),
+        shared_state(status.postgres.as_ref()),
+        shared_state(status.redis.as_ref()),
     );
     // Trouble first: the cards that need a look lead, the healthy ones follow.
     let mut apps: Vec<&AppStatus> = status.apps.iter().collect();
@@ -328,7 +383,11 @@ pub fn render(status: &Status) -> String {
                 format!("{mark} {} {}", t.kind, escape(&t.target))
             })
             .collect();
-        let _ = write!(html, "<dt>Checks</dt><dd>{}</dd></dl>", checks.join("<br>"));
+        let _ = write!(html, "<dt>Checks</dt><dd>{}</dd>", checks.join("<br>"));
+        let checked = app
+            .checked
+            .map_or_else(|| "not yet".to_owned(), |at| ago(at, status.generated));
+        let _ = write!(html, "<dt>Checked</dt><dd>{checked}</dd></dl>");
         if let Some(failure) = &app.last_failure {
             let _ = write!(
                 html,
@@ -374,12 +433,15 @@ fn summary(apps: &[AppStatus]) -> String {
     }
 }
 
-fn cluster_state(target: Option<&TargetStatus>) -> &'static str {
-    match target.and_then(|t| t.up) {
-        None if target.is_none() => "not watched",
-        None => "not checked yet",
-        Some(true) => "up",
-        Some(false) => "down",
+/// A shared database's state for the page's header, with the reason when it is down.
+fn shared_state(target: Option<&TargetStatus>) -> String {
+    match target {
+        None => "not watched".to_owned(),
+        Some(TargetStatus { up: None, .. }) => "not checked yet".to_owned(),
+        Some(TargetStatus { up: Some(true), .. }) => "up".to_owned(),
+        Some(TargetStatus { reason, .. }) => {
+            format!("<strong>down</strong> ({})", reason.unwrap_or("unknown"))
+        }
     }
 }
 
@@ -394,6 +456,7 @@ mod tests {
             apps: vec![AppStatus {
                 namespace: "blog".into(),
                 state: "down",
+                checked: Some(990),
                 url: Some("https://blog.ts.net/?a=<b>".into()),
                 database: None,
                 database_size_bytes: None,
@@ -412,16 +475,83 @@ mod tests {
             postgres: None,
             redis: None,
         };
-        let html = render(&status);
-        assert!(!html.contains("<script>alert"), "{html}");
+        let html = render(&status, 30);
+        assert!(!html.contains("<script"), "{html}");
         assert!(html.contains("&lt;script&gt;"));
         assert!(html.contains("60 s ago"));
+        assert!(html.contains("<dt>Checked</dt><dd>10 s ago</dd>"), "{html}");
         assert!(html.contains("data-state=\"down\""));
         assert!(html.contains("1 app: 1 down"), "{html}");
         assert!(html.contains("prefers-color-scheme:dark"));
+        assert!(html.contains("http-equiv=\"refresh\" content=\"30\""));
+        for external in ["<link", "src=", "url(", "@import"] {
+            assert!(!html.contains(external), "no external assets: {external}");
+        }
+        assert!(!render(&status, 0).contains("http-equiv"), "refresh off");
+    }
+
+    fn target(kind: Kind, namespace: &str, name: &str, up: Option<bool>) -> (TargetKey, Target) {
+        use crate::probe::{Reason, Report};
+        let key = TargetKey {
+            kind,
+            namespace: namespace.into(),
+            target: name.into(),
+        };
+        let mut registry_target = Target {
+            check: crate::registry::Check::Cluster,
+            generation: 0,
+            last: None,
+            last_success: None,
+            last_failure: None,
+            probes: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            due: std::time::Instant::now(),
+            in_flight: false,
+        };
+        registry_target.last = up.map(|up| {
+            let report = if up {
+                Report::success(Detail::None)
+            } else {
+                Report::failure(Reason::Connect, "refused")
+            };
+            (SystemTime::now(), report)
+        });
+        (key, registry_target)
+    }
+
+    #[test]
+    fn an_app_is_degraded_by_a_shared_database_it_uses_and_unknown_until_checked() {
+        let app = |database: Option<&str>| App {
+            targets: crate::targets::AppTargets {
+                database: database.map(str::to_owned),
+                ..Default::default()
+            },
+        };
+        let apps = BTreeMap::from([
+            ("uses-pg".to_owned(), app(Some("uses_pg"))),
+            ("no-pg".to_owned(), app(None)),
+        ]);
+        let targets = BTreeMap::from([
+            target(Kind::Http, "uses-pg", "web", Some(true)),
+            target(Kind::Http, "no-pg", "web", Some(true)),
+            target(Kind::Secret, "no-pg", "hearth-db", None),
+            target(Kind::Postgres, "", "postgres", Some(false)),
+        ]);
+        let facts = status(&targets, &apps);
+        let state = |name: &str| {
+            facts
+                .apps
+                .iter()
+                .find(|a| a.namespace == name)
+                .unwrap()
+                .state
+        };
+        assert_eq!(state("uses-pg"), "degraded");
+        assert_eq!(state("no-pg"), "unknown");
+        let html = render(&facts, 30);
         assert!(
-            !html.contains("http://") && !html.contains("src="),
-            "no external assets"
+            html.contains("PostgreSQL <strong>down</strong> (connect)"),
+            "{html}"
         );
     }
 }

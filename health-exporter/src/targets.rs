@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use hearth_runtime::annotations::{self, ProbeTarget, ServicePort};
+use hearth_runtime::annotations::{self, ExposedService, ProbeTarget, ServicePort};
 
 /// What a target is, as the `kind` label says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -80,12 +80,13 @@ pub enum HttpTarget {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AppTargets {
     pub http: Option<HttpTarget>,
-    /// The published URL, whose certificate is checked.
+    /// The published URL (without user name, password, query or fragment), whose certificate is
+    /// checked when published URLs are.
     pub url: Option<url::Url>,
     /// The namespace opted in to db-provisioner: its Secret hearth-db must be there.
     pub database_secret: bool,
-    /// It publishes Services: its Ingresses must have a host name.
-    pub exposed: bool,
+    /// The Services it publishes: their Ingresses must have a host name.
+    pub exposed: Vec<ExposedService>,
     /// What db-provisioner wrote back, for the status page.
     pub database: Option<String>,
     pub redis_db: Option<u8>,
@@ -99,7 +100,7 @@ impl AppTargets {
         self.http.is_some()
             || self.url.is_some()
             || self.database_secret
-            || self.exposed
+            || !self.exposed.is_empty()
             || self.invalid.is_some()
     }
 }
@@ -116,7 +117,7 @@ pub fn read(annotations: &BTreeMap<String, String>) -> AppTargets {
     };
     let exposed = get(annotations::EXPOSE).map(annotations::parse_expose);
     if let Some(Ok(services)) = &exposed {
-        targets.exposed = !services.is_empty();
+        targets.exposed.clone_from(services);
     }
     targets.http = match (get(annotations::PROBE), &exposed) {
         (Some(value), _) => match annotations::parse_probe(value) {
@@ -146,9 +147,20 @@ pub fn read(annotations: &BTreeMap<String, String>) -> AppTargets {
         }
         (None, None) => None,
     };
+    // Shown on the status page, so nothing that may be a credential is kept.
     targets.url = get(annotations::URL)
         .and_then(|value| url::Url::parse(value).ok())
-        .filter(|url| url.scheme() == "https" && url.host_str().is_some());
+        .filter(|url| {
+            url.scheme() == "https"
+                && url.host_str().is_some()
+                && url.username().is_empty()
+                && url.password().is_none()
+        })
+        .map(|mut url| {
+            url.set_query(None);
+            url.set_fragment(None);
+            url
+        });
     targets
 }
 
@@ -201,7 +213,7 @@ mod tests {
             targets.url.as_ref().map(url::Url::as_str),
             Some("https://paperless.tail1234.ts.net/")
         );
-        assert!(targets.database_secret && targets.exposed);
+        assert!(targets.database_secret && targets.exposed.len() == 2);
         assert_eq!(targets.database.as_deref(), Some("paperless"));
         assert_eq!(targets.redis_db, Some(3));
     }
@@ -229,6 +241,23 @@ mod tests {
             assert!(targets.invalid.is_some(), "{bad}");
             assert!(targets.any());
         }
+    }
+
+    #[test]
+    fn a_published_url_keeps_no_credential_or_query() {
+        let secret = read(&annotations(&[(
+            "hearth.dev/url",
+            "https://u:Hunter2@x.ts.net/",
+        )]));
+        assert!(secret.url.is_none());
+        let query = read(&annotations(&[(
+            "hearth.dev/url",
+            "https://x.ts.net/app?token=Hunter2#f",
+        )]));
+        assert_eq!(
+            query.url.as_ref().map(url::Url::as_str),
+            Some("https://x.ts.net/app")
+        );
     }
 
     #[test]

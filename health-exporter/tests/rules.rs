@@ -1,6 +1,6 @@
 //! The alerting rules shipped under deploy/ pass `promtool check rules` and their unit tests
-//! (`promtool test rules`), and the Grafana dashboard is well formed and only asks for metrics
-//! hearth exports.
+//! (`promtool test rules`). (A real Prometheus runs them and every dashboard query in
+//! `prometheus.rs`.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -504,18 +504,18 @@ pub fn parse_probe(value: &str) -> Result<ProbeTarget, AnnotationError> {
     }
 }
 
-/// A URL-like value with any `user:password@` part hidden, for messages.
+/// A URL-like value with anything that may be a `user:password@` part hidden, for messages:
+/// everything between `://` and the last `@`, wherever a `/`, `?` or `#` falls (a password may
+/// hold any of them, and a value that fails to parse is still quoted).
 fn without_userinfo(value: &str) -> String {
-    let Some((scheme, rest)) = value.split_once("://") else {
-        return value.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!(
-            "{scheme}://(user and password not shown)@{}",
-            &rest[at + 1..]
-        ),
-        None => value.to_owned(),
+    match (value.split_once("://"), value.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => {
+            format!(
+                "{scheme}://(user and password not shown)@{}",
+                &value[at + 1..]
+            )
+        }
+        _ => value.to_owned(),
     }
 }
 
@@ -827,9 +827,16 @@ mod tests {
             "https://user:Hunter2@host/x",
             "http://:Hunter2@[::1/",
             "https://Hunter2@h",
+            "https://user:Hun/ter2@host/",
+            "https://user:Hun#ter2@host/",
+            "https://user:Hun?ter2@host/",
+            "https://user:Hun@ter2@host/",
         ] {
             let message = parse_probe(leaky).unwrap_err().to_string();
-            assert!(!message.contains("Hunter2"), "{message}");
+            assert!(
+                !message.contains("Hun") && !message.contains("ter2"),
+                "{message}"
+            );
             assert!(message.contains("not shown"), "{message}");
         }
     }

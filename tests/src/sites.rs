@@ -25,12 +25,12 @@ pub enum Behaviour {
     Silent,
     /// 200 with a body that never ends.
     Endless,
+    /// 200, except a request for this path, which is never answered.
+    SilentAt(&'static str),
 }
 
 struct Seen {
     connections: AtomicUsize,
-    open: AtomicUsize,
-    most_open: AtomicUsize,
     last_host: Mutex<Option<String>>,
 }
 
@@ -80,8 +80,6 @@ impl TestSite {
         let addr = listener.local_addr()?;
         let seen = Arc::new(Seen {
             connections: AtomicUsize::new(0),
-            open: AtomicUsize::new(0),
-            most_open: AtomicUsize::new(0),
             last_host: Mutex::new(None),
         });
         let stop = CancellationToken::new();
@@ -94,8 +92,6 @@ impl TestSite {
                 };
                 let Ok((stream, _)) = accepted else { continue };
                 task_seen.connections.fetch_add(1, Ordering::Relaxed);
-                let open = task_seen.open.fetch_add(1, Ordering::Relaxed) + 1;
-                task_seen.most_open.fetch_max(open, Ordering::Relaxed);
                 let (seen, stop, tls) = (Arc::clone(&task_seen), task_stop.clone(), tls.clone());
                 tokio::spawn(async move {
                     tokio::select! {
@@ -111,7 +107,6 @@ impl TestSite {
                             }
                         } => {}
                     }
-                    seen.open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         });
@@ -131,11 +126,6 @@ impl TestSite {
         self.seen.connections.load(Ordering::Relaxed)
     }
 
-    /// The most connections that were open at once.
-    pub fn most_open(&self) -> usize {
-        self.seen.most_open.load(Ordering::Relaxed)
-    }
-
     /// The Host header of the last request read.
     pub fn last_host(&self) -> Option<String> {
         self.seen
@@ -152,20 +142,21 @@ impl Drop for TestSite {
     }
 }
 
-/// Reads one request head (up to 16 KiB), noting its Host header.
-async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, seen: &Seen) -> bool {
+/// Reads one request head (up to 16 KiB), noting its Host header; the path it asks for.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, seen: &Seen) -> Option<String> {
     let mut head = Vec::new();
     let mut buffer = [0_u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         match stream.read(&mut buffer).await {
-            Ok(0) | Err(_) => return false,
+            Ok(0) | Err(_) => return None,
             Ok(n) => head.extend_from_slice(&buffer[..n]),
         }
         if head.len() > 16 * 1024 {
-            return false;
+            return None;
         }
     }
     let text = String::from_utf8_lossy(&head);
+    let path = text.split(' ').nth(1).unwrap_or_default().to_owned();
     let host = text.lines().find_map(|line| {
         let (name, value) = line.split_once(':')?;
         name.eq_ignore_ascii_case("host")
@@ -175,7 +166,7 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, seen: &Seen) -> bool {
         .last_host
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = host;
-    true
+    Some(path)
 }
 
 async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
@@ -188,9 +179,18 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
         return;
     }
-    if !read_head(&mut stream, seen).await {
+    let Some(asked) = read_head(&mut stream, seen).await else {
         return;
-    }
+    };
+    let behaviour = match behaviour {
+        Behaviour::SilentAt(path) if asked == path => {
+            let mut sink = [0_u8; 1024];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            return;
+        }
+        Behaviour::SilentAt(_) => Behaviour::Status(200),
+        other => other,
+    };
     match behaviour {
         Behaviour::Status(status) => {
             let body = format!("status {status}\n");
@@ -213,7 +213,7 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             let chunk = format!("{:x}\r\n{}\r\n", 8192, "x".repeat(8192));
             while stream.write_all(chunk.as_bytes()).await.is_ok() {}
         }
-        Behaviour::Silent => {}
+        Behaviour::Silent | Behaviour::SilentAt(_) => {}
     }
     let _ = stream.shutdown().await;
 }

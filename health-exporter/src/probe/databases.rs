@@ -7,23 +7,35 @@ use std::time::Duration;
 
 use hearth_runtime::Sensitive;
 use tokio_postgres::error::SqlState;
+use tokio_util::task::AbortOnDropHandle;
 
-use super::{Detail, Reason, Report};
+use super::{Database, Detail, Reason, Report};
 use crate::Error;
 
 pub struct PostgresProbe {
     config: tokio_postgres::Config,
 }
 
+/// The part of a probe's deadline each step may take, so that the server's own refusal (a
+/// connect timeout, a cancelled statement) comes back before the probe is cut off and says
+/// which step was slow.
+fn share(deadline: Duration) -> Duration {
+    deadline.mul_f64(0.45)
+}
+
 impl PostgresProbe {
-    /// `deadline` bounds the connection and each statement, server-side too.
+    /// `deadline` is the probe's; the connection and the statement each get under half of it,
+    /// the statement's enforced by the server too.
     pub fn new(url: &Sensitive<String>, deadline: Duration) -> Result<Self, Error> {
         let mut config = tokio_postgres::Config::from_str(url.expose())
             .map_err(|_| Error::Config("POSTGRES_URL is not a valid PostgreSQL URL".into()))?;
         config
-            .connect_timeout(deadline)
+            .connect_timeout(share(deadline))
             .application_name("hearth-health-exporter")
-            .options(format!("-c statement_timeout={}", deadline.as_millis()));
+            .options(format!(
+                "-c statement_timeout={}",
+                share(deadline).as_millis().max(1)
+            ));
         Ok(Self { config })
     }
 
@@ -32,28 +44,33 @@ impl PostgresProbe {
             Ok(connected) => connected,
             Err(error) => return failure(&error),
         };
-        let driver = tokio::spawn(connection);
+        // Ends with the probe, however the probe ends (cut off at its deadline included): a
+        // server that hangs keeps no task or socket of ours.
+        let _driver = AbortOnDropHandle::new(tokio::spawn(connection));
         // Sizes only of databases this role may see the size of (hearth closes app databases to
         // PUBLIC; pg_monitor sees them all).
         let rows = client
             .query(
-                "SELECT d.datname::text, \
+                "SELECT d.oid, d.datname::text, \
                  CASE WHEN has_database_privilege(d.oid, 'CONNECT') \
                       OR pg_has_role('pg_read_all_stats', 'MEMBER') \
                       THEN pg_database_size(d.oid) END, \
                  coalesce(s.numbackends, 0)::bigint \
                  FROM pg_database d LEFT JOIN pg_stat_database s ON s.datid = d.oid \
-                 WHERE NOT d.datistemplate ORDER BY 1",
+                 WHERE NOT d.datistemplate ORDER BY 2",
                 &[],
             )
             .await;
-        drop(client);
-        driver.abort();
         match rows {
             Ok(rows) => Report::success(Detail::Postgres {
                 databases: rows
                     .iter()
-                    .map(|row| (row.get(0), row.get(1), row.get(2)))
+                    .map(|row| Database {
+                        oid: row.get(0),
+                        name: row.get(1),
+                        size_bytes: row.get(2),
+                        backends: row.get(3),
+                    })
                     .collect(),
             }),
             Err(error) => failure(&error),
@@ -91,15 +108,20 @@ pub struct RedisProbe {
 
 impl RedisProbe {
     pub fn new(url: &Sensitive<String>, deadline: Duration) -> Result<Self, Error> {
-        let client = redis::Client::open(url.expose().as_str())
-            .map_err(|_| Error::Config("REDIS_URL is not a valid Redis URL".into()))?;
+        let client = redis::Client::open(url.expose().as_str()).map_err(|_| {
+            Error::Config(
+                "REDIS_URL is not a valid Redis URL (redis://[user:password@]host[:port]; \
+                 TLS, rediss://, is not supported)"
+                    .into(),
+            )
+        })?;
         Ok(Self { client, deadline })
     }
 
     pub async fn probe(&self) -> Report {
         let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.deadline))
-            .set_response_timeout(Some(self.deadline));
+            .set_connection_timeout(Some(share(self.deadline)))
+            .set_response_timeout(Some(share(self.deadline)));
         let mut connection = match self
             .client
             .get_multiplexed_async_connection_with_config(&config)

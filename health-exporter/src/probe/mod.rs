@@ -79,12 +79,11 @@ pub enum Detail {
         status: u16,
     },
     Tls {
-        /// Unix seconds when the first certificate of the chain expires.
+        /// Unix seconds when the certificate of the chain that expires first expires.
         earliest_expiry: i64,
     },
     Postgres {
-        /// (datname, size in bytes if readable, backends connected)
-        databases: Vec<(String, Option<i64>, i64)>,
+        databases: Vec<Database>,
     },
     Redis {
         connected_clients: i64,
@@ -92,6 +91,16 @@ pub enum Detail {
         /// (index, keys)
         keys: Vec<(u8, i64)>,
     },
+}
+
+/// One database as PostgreSQL reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Database {
+    pub oid: u32,
+    pub name: String,
+    /// `None` when the monitoring role may not see it.
+    pub size_bytes: Option<i64>,
+    pub backends: i64,
 }
 
 /// One probe's result.
@@ -116,9 +125,14 @@ impl Report {
         }
     }
 
+    /// A failure; one for want of time counts as a timeout.
     pub fn failure(reason: Reason, message: impl Into<String>) -> Self {
         Self {
-            outcome: Outcome::Failure,
+            outcome: if reason == Reason::Timeout {
+                Outcome::Timeout
+            } else {
+                Outcome::Failure
+            },
             reason: Some(reason),
             message: message.into(),
             detail: Detail::None,
@@ -136,11 +150,8 @@ impl Report {
 
     pub fn timeout(after: Duration) -> Self {
         Self {
-            outcome: Outcome::Timeout,
-            reason: Some(Reason::Timeout),
-            message: format!("no answer within {after:?}"),
-            detail: Detail::None,
             duration: after,
+            ..Self::failure(Reason::Timeout, format!("no answer within {after:?}"))
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper::header::{HOST, USER_AGENT};
 use hyper::{Request, Uri};
 use hyper_rustls::HttpsConnector;
@@ -94,7 +94,7 @@ impl WebProbe {
         let status = response.status();
         // Read a little of the body (a half-open answer is no answer), never all of it.
         if let Err(error) = Limited::new(response.into_body(), MAX_BODY).collect().await
-            && !error.to_string().contains("length limit exceeded")
+            && !error.is::<LengthLimitError>()
         {
             return Report::failure(Reason::Protocol, format!("reading the answer: {error}"));
         }
@@ -102,14 +102,23 @@ impl WebProbe {
             status: status.as_u16(),
         };
         if status.is_success() || status.is_redirection() {
-            Report::success(detail)
-        } else {
-            Report::failure_with(Reason::HttpStatus, format!("answered {status}"), detail)
+            return Report::success(detail);
         }
+        let mut message = format!("answered {status}");
+        if status == hyper::StatusCode::BAD_REQUEST
+            && let Some(host) = host
+        {
+            // Django's ALLOWED_HOSTS and the like answer 400 to a host they do not know.
+            message.push_str(&format!(
+                " (an app that only accepts its own host names answers this to {host}; allow \
+                 that name or point hearth.dev/probe at a health path that accepts it)"
+            ));
+        }
+        Report::failure_with(Reason::HttpStatus, message, detail)
     }
 
-    /// Connects to `host:port`, verifies the certificate chain for `host`, and reads when its
-    /// first certificate expires.
+    /// Connects to `host:port`, verifies the certificate chain for `host`, and reads when the
+    /// certificate of the chain that expires first expires.
     pub async fn certificate(&self, host: &str, port: u16) -> Report {
         let Ok(name) = ServerName::try_from(host.to_owned()) else {
             return Report::failure(Reason::Tls, format!("{host} is not a TLS server name"));

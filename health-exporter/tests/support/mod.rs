@@ -64,6 +64,8 @@ impl Stack {
             ("REDIS_URL", redis.as_str()),
             ("PROBE_INTERVAL", "1s"),
             ("PROBE_TIMEOUT", "500ms"),
+            // The stand-in published URLs are on loopback, so their certificates can be checked.
+            ("PROBE_PUBLISHED_URLS", "true"),
             ("RUST_LOG", "info,health_exporter=debug"),
         ];
         for (key, value) in extra {
@@ -134,8 +136,14 @@ impl Stack {
             .unwrap();
     }
 
-    /// An ExternalSecret with a Ready condition (`None`: not synced yet, no conditions).
-    pub async fn external_secret(&self, namespace: &str, name: &str, ready: Option<(bool, &str)>) {
+    /// An ExternalSecret with a Ready condition of (status, reason, message) (`None`: not synced
+    /// yet, no conditions).
+    pub async fn external_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        ready: Option<(bool, &str, &str)>,
+    ) {
         let resource = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk("external-secrets.io", "v1", "ExternalSecret"),
             "externalsecrets",
@@ -150,13 +158,13 @@ impl Stack {
         api.patch(name, &Self::patch_params(), &Patch::Apply(&object))
             .await
             .unwrap();
-        if let Some((ready, message)) = ready {
+        if let Some((ready, reason, message)) = ready {
             let status = json!({
                 "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret",
                 "status": {"conditions": [{
                     "type": "Ready",
                     "status": if ready { "True" } else { "False" },
-                    "reason": if ready { "SecretSynced" } else { "SecretSyncedError" },
+                    "reason": reason,
                     "message": message,
                 }]},
             });
