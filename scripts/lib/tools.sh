@@ -30,13 +30,21 @@ install_debian_packages() {
     python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
     command -v node >/dev/null || missing+=(nodejs)
     command -v npm >/dev/null || missing+=(npm)
+    command -v buildah >/dev/null || missing+=(buildah)
+    command -v kubectl >/dev/null || missing+=(kubectl)
+    command -v file >/dev/null || missing+=(file)
     if [ "${#missing[@]}" -gt 0 ]; then
         echo "Installing what the tests need: ${missing[*]}"
-        local sudo=()
-        [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-        "${sudo[@]}" apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+        install_packages "${missing[@]}"
     fi
+}
+
+# apt-get install, as root or with sudo.
+install_packages() {
+    local sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$@"
 }
 
 # Runs "$@" only when the stamp differs from the checksum of the given input file.
