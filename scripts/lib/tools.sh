@@ -39,6 +39,22 @@ install_debian_packages() {
     fi
 }
 
+# What scripts/run needs: PostgreSQL and Redis to run, kubectl to read deploy/.
+install_run_packages() {
+    local missing=()
+    have_postgres || missing+=(postgresql)
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "hearth runs a private PostgreSQL and Redis from this machine's binaries;"
+        echo "installing them with apt-get: ${missing[*]}"
+        install_packages "${missing[@]}"
+    fi
+    if ! command -v kubectl >/dev/null; then
+        echo "kubectl is needed to read deploy/ (kubectl kustomize); install it first" >&2
+        exit 1
+    fi
+}
+
 # apt-get install, as root or with sudo.
 install_packages() {
     local sudo=()

@@ -84,10 +84,25 @@ pub struct ServiceProcess {
 }
 
 impl ServiceProcess {
-    /// Starts `binary` with `env` added and waits until `/livez` answers.
+    /// Starts `binary` with `env` added and its admin server on a free port, and waits until
+    /// `/livez` answers.
     pub async fn start(binary: &Path, env: &[(&str, &str)]) -> Result<Self, HarnessError> {
-        let admin: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-        let log = NamedTempFile::new()?;
+        Self::start_at(binary, ([127, 0, 0, 1], free_port()?).into(), env).await
+    }
+
+    /// As `start`, with the admin server on `admin`.
+    pub async fn start_at(
+        binary: &Path,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Result<Self, HarnessError> {
+        let log = tempfile::Builder::new()
+            .prefix(&format!(
+                "hearth-{}-",
+                binary.file_name().unwrap_or_default().to_string_lossy()
+            ))
+            .suffix(".log")
+            .tempfile()?;
         let child = Command::new(binary)
             .env("ADMIN_ADDR", admin.to_string())
             .env("LOG_FORMAT", "json")
@@ -143,6 +158,11 @@ impl ServiceProcess {
     /// The process id, e.g. to read its memory from /proc.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Where its log goes (removed with the process).
+    pub fn log_path(&self) -> &Path {
+        self.log.path()
     }
 
     /// Everything the process has logged so far.

@@ -4,8 +4,10 @@
 
 pub mod admin;
 pub mod browser;
+pub mod eso;
 pub mod fake_api;
 pub mod fake_bitwarden;
+pub mod local;
 pub mod manifests;
 pub mod postgres;
 pub mod prometheus;

@@ -43,7 +43,12 @@ pub struct TestSite {
 impl TestSite {
     /// A plain-HTTP site on a free loopback port.
     pub async fn start(behaviour: Behaviour) -> Result<Self, HarnessError> {
-        Self::serve(behaviour, None).await
+        Self::serve(behaviour, None, ([127, 0, 0, 1], 0).into()).await
+    }
+
+    /// A plain-HTTP site on `addr` (any 127.x.y.z address is loopback on Linux).
+    pub async fn start_at(addr: SocketAddr, behaviour: Behaviour) -> Result<Self, HarnessError> {
+        Self::serve(behaviour, None, addr).await
     }
 
     /// An HTTPS site serving the certificate and key in these PEM files.
@@ -68,6 +73,7 @@ impl TestSite {
         Self::serve(
             behaviour,
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            ([127, 0, 0, 1], 0).into(),
         )
         .await
     }
@@ -75,8 +81,9 @@ impl TestSite {
     async fn serve(
         behaviour: Behaviour,
         tls: Option<tokio_rustls::TlsAcceptor>,
+        addr: SocketAddr,
     ) -> Result<Self, HarnessError> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let seen = Arc::new(Seen {
             connections: AtomicUsize::new(0),

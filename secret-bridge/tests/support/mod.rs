@@ -7,7 +7,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hearth_tests::admin::{HttpReply, ServiceProcess, http_request};
+use hearth_tests::admin::{HttpReply, ServiceProcess};
+use hearth_tests::eso::EsoClient;
 use hearth_tests::tls::client_trusting;
 use hearth_tests::{FakeApiServer, FakeBitwarden, free_port};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -16,7 +17,7 @@ use kube::api::PostParams;
 use serde_json::{Value, json};
 
 /// The name ESO's ClusterSecretStore uses for the bridge.
-pub const SERVICE_NAME: &str = "secret-bridge.hearth-system.svc.cluster.local";
+pub const SERVICE_NAME: &str = hearth_tests::eso::BRIDGE_NAME;
 
 pub struct Bridge {
     pub process: ServiceProcess,
@@ -83,19 +84,22 @@ impl Bridge {
         }
     }
 
+    /// ESO's side of the bridge, trusting the CA it publishes.
+    pub fn eso_client(&self) -> EsoClient {
+        EsoClient {
+            bridge: self.addr,
+            tls: self.tls.clone(),
+            api_url: self.fake.api_url(),
+            identity_url: self.fake.identity_url(),
+        }
+    }
+
     /// A request as ESO makes it: JSON body, no Content-Type, all three Warden headers.
     pub async fn eso(&self, method: &str, path: &str, token: &str, body: Value) -> HttpReply {
-        let identity = self.fake.identity_url();
-        let api = self.fake.api_url();
-        let headers = [
-            ("Warden-Access-Token", token),
-            ("Warden-Api-Url", api.as_str()),
-            ("Warden-Identity-Url", identity.as_str()),
-            ("User-Agent", "Go-http-client/1.1"),
-            ("Accept-Encoding", "gzip"),
-        ];
-        self.raw(method, path, &headers, body.to_string().into_bytes())
+        self.eso_client()
+            .request(method, path, token, &body)
             .await
+            .unwrap()
     }
 
     pub async fn raw(
@@ -105,10 +109,8 @@ impl Bridge {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> HttpReply {
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from(SERVICE_NAME).unwrap();
-        let stream = self.tls.connect(name, tcp).await.unwrap();
-        http_request(stream, SERVICE_NAME, method, path, headers, body)
+        self.eso_client()
+            .raw(method, path, headers, body)
             .await
             .unwrap()
     }
