@@ -9,6 +9,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use hearth_tests::bench::figure;
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -128,11 +130,27 @@ async fn main() {
         baseline.as_secs_f64(),
         provisioning.as_secs_f64() / baseline.as_secs_f64()
     );
+    figure(
+        "db-provisioner",
+        "provision 100 namespaces",
+        "<= 10 s",
+        &format!("{:.2} s", provisioning.as_secs_f64()),
+        Some(&format!("plain SQL {:.2} s", baseline.as_secs_f64())),
+        Some(provisioning.as_secs_f64() / baseline.as_secs_f64()),
+    );
     println!(
         "  {ROUNDS} periodic rounds over {NAMESPACES} unchanged namespaces (resync 2 s): {ddl} DDL \
          statements (goal 0), {errors} errors, {:.1} s wall, {:.1} ms mean reconcile",
         rounds.as_secs_f64(),
         mean_reconcile * 1000.0
+    );
+    figure(
+        "db-provisioner",
+        "DDL in periodic rounds, nothing changed",
+        "0",
+        &ddl.to_string(),
+        None,
+        None,
     );
     println!(
         "  resident memory: idle {:.1} MiB, with {NAMESPACES} namespaces {:.1} MiB (goal <= 15 MiB); \
@@ -140,5 +158,13 @@ async fn main() {
         mib(idle),
         mib(loaded),
         loaded / idle
+    );
+    figure(
+        "db-provisioner",
+        "resident memory, 100 namespaces",
+        "<= 15 MiB",
+        &format!("{:.1} MiB", mib(loaded)),
+        Some(&format!("idle {:.1} MiB", mib(idle))),
+        Some(loaded / idle),
     );
 }

@@ -16,6 +16,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use hearth_tests::bench::figure;
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -241,11 +243,27 @@ async fn main() {
         DEADLINE.as_secs(),
         DEADLINE.as_secs_f64() * 1.1
     );
+    figure(
+        "health-exporter",
+        "one round, 100 apps (20 silent)",
+        "<= 11 s (deadline + 10 %)",
+        &format!("{:.2} s", round.as_secs_f64()),
+        Some("deadline 10 s"),
+        Some(round.as_secs_f64() / DEADLINE.as_secs_f64()),
+    );
     println!(
         "  /metrics over {SCRAPES} scrapes: p50 {:.2} ms, p99 {:.2} ms (goal p99 <= 20 ms), {} KiB",
         ms(p50),
         ms(p99),
         size / 1024
+    );
+    figure(
+        "health-exporter",
+        "/metrics p99 during a round",
+        "<= 20 ms",
+        &format!("{:.2} ms", ms(p99)),
+        None,
+        None,
     );
     println!(
         "  resident memory: {:.1} MiB (idle before discovery {:.1} MiB, peak {:.1} MiB)",
@@ -305,6 +323,14 @@ async fn main() {
             mib(kib),
             ms(hearth_p99) / ms(p99),
         );
+        figure(
+            "health-exporter",
+            &format!("/metrics p99 beside {}", exporter.name),
+            "no slower",
+            &format!("{:.2} ms", ms(hearth_p99)),
+            Some(&format!("{:.2} ms", ms(p99))),
+            Some(ms(hearth_p99) / ms(p99)),
+        );
     }
     match &blackbox {
         None => complete = false,
@@ -349,6 +375,14 @@ async fn main() {
             mib(loaded_kib),
             mib(foreign_kib),
             loaded_kib as f64 / foreign_kib as f64
+        );
+        figure(
+            "health-exporter",
+            "resident memory, the same job",
+            "less than the exporters it replaces",
+            &format!("{:.1} MiB", mib(loaded_kib)),
+            Some(&format!("3 Debian exporters {:.1} MiB", mib(foreign_kib))),
+            Some(loaded_kib as f64 / foreign_kib as f64),
         );
     } else {
         println!("Resident memory: not compared, an exporter is missing (see above).");

@@ -12,6 +12,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use hearth_tests::bench::figure;
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -174,6 +176,17 @@ async fn main() {
         baseline_ingresses.as_secs_f64(),
         ingresses_took.as_secs_f64() / baseline_ingresses.as_secs_f64()
     );
+    figure(
+        "ingress-sync",
+        "100 Ingresses from 100 annotations",
+        "<= 5 s",
+        &format!("{:.2} s", ingresses_took.as_secs_f64()),
+        Some(&format!(
+            "applied one by one {:.2} s",
+            baseline_ingresses.as_secs_f64()
+        )),
+        Some(ingresses_took.as_secs_f64() / baseline_ingresses.as_secs_f64()),
+    );
     println!(
         "  {APPS} statuses set at once: {:.2} s until {APPS} URLs are published (goal <= 5 s); \
          baseline: the same {APPS} ConfigMaps applied one by one {:.2} s; ratio {:.1}x",
@@ -181,15 +194,42 @@ async fn main() {
         baseline_urls.as_secs_f64(),
         urls_took.as_secs_f64() / baseline_urls.as_secs_f64()
     );
+    figure(
+        "ingress-sync",
+        "100 URLs published",
+        "<= 5 s",
+        &format!("{:.2} s", urls_took.as_secs_f64()),
+        Some(&format!(
+            "applied one by one {:.2} s",
+            baseline_urls.as_secs_f64()
+        )),
+        Some(urls_took.as_secs_f64() / baseline_urls.as_secs_f64()),
+    );
     println!(
         "  resident memory: idle {:.1} MiB, with {APPS} apps {:.1} MiB (goal <= 12 MiB); ratio {:.2}x",
         mib(idle),
         mib(with_apps),
         with_apps / idle
     );
+    figure(
+        "ingress-sync",
+        "resident memory, 100 apps",
+        "<= 12 MiB",
+        &format!("{:.1} MiB", mib(with_apps)),
+        Some(&format!("idle {:.1} MiB", mib(idle))),
+        Some(with_apps / idle),
+    );
     println!(
         "  {PASSES} periodic passes over {APPS} unchanged apps ({:.1} s): {writes} API writes (goal 0); \
          a controller applying every Ingress and ConfigMap on every pass: {naive}",
         passes_took.as_secs_f64()
+    );
+    figure(
+        "ingress-sync",
+        "API writes, 10 passes over unchanged apps",
+        "0",
+        &writes.to_string(),
+        Some(&format!("apply everything: {naive}")),
+        None,
     );
 }

@@ -3,6 +3,7 @@
 //! helpers to run a service binary as a process and talk to its admin server.
 
 pub mod admin;
+pub mod bench;
 pub mod browser;
 pub mod eso;
 pub mod fake_api;

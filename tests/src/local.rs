@@ -18,8 +18,7 @@ use tempfile::TempDir;
 
 use crate::admin::{ServiceProcess, http_get};
 use crate::eso::{EsoClient, StandInEso};
-use crate::manifests::yaml_documents;
-use crate::rbac::kustomize;
+use crate::manifests::{kustomize, yaml_documents};
 use crate::sites::{Behaviour, TestSite};
 use crate::tailscale::StandInOperator;
 use crate::{FakeApiServer, FakeBitwarden, HarnessError, PostgresServer, RedisServer, free_port};

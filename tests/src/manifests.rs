@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::HarnessError;
+use std::path::Component;
+use std::process::Command;
+
+use crate::{HarnessError, on_path};
 
 /// The repository's root directory.
 pub fn repo_root() -> PathBuf {
@@ -36,4 +39,76 @@ pub fn yaml_file(path: &Path) -> Result<Value, HarnessError> {
             path.display()
         ))),
     }
+}
+
+/// Runs `kubectl kustomize` on a directory of the repository; the YAML it prints.
+pub fn kustomize(relative: &str) -> Result<String, HarnessError> {
+    let kubectl = on_path("kubectl").ok_or(HarnessError::MissingBinary {
+        binary: "kubectl",
+        package: "kubectl",
+        looked: "on PATH".into(),
+    })?;
+    let output = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(repo_root().join(relative))
+        .output()?;
+    if !output.status.success() {
+        return Err(HarnessError::Startup(format!(
+            "kubectl kustomize {relative}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The optional components of `deploy/`.
+pub const COMPONENTS: [&str; 4] = ["monitoring", "eso", "sdk-server-alias", "ha"];
+
+/// `deploy/` with the given components, as a user's overlay renders it: from a directory outside
+/// the repository (kustomize refuses an overlay inside the base it builds on, and absolute
+/// paths), naming it by a relative path.
+pub fn kustomize_with_components(components: &[&str]) -> Result<String, HarnessError> {
+    let overlay = tempfile::tempdir()?;
+    let up = overlay
+        .path()
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .map(|_| "..")
+        .collect::<Vec<_>>()
+        .join("/");
+    let root = repo_root();
+    let deploy = format!(
+        "{up}/{}",
+        root.join("deploy")
+            .strip_prefix("/")
+            .unwrap_or(&root)
+            .display()
+    );
+    let listed: Vec<String> = components
+        .iter()
+        .map(|c| format!("  - {deploy}/components/{c}"))
+        .collect();
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "resources:\n  - {deploy}\ncomponents:\n{}\n",
+            listed.join("\n")
+        ),
+    )?;
+    let kubectl = on_path("kubectl").ok_or(HarnessError::MissingBinary {
+        binary: "kubectl",
+        package: "kubectl",
+        looked: "on PATH".into(),
+    })?;
+    let output = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(overlay.path())
+        .output()?;
+    if !output.status.success() {
+        return Err(HarnessError::Startup(format!(
+            "kubectl kustomize with {components:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

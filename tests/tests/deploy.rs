@@ -9,13 +9,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Component, Path};
+use std::path::Path;
 
 use clap::CommandFactory;
 use hearth_runtime::Sensitive;
 use hearth_runtime::annotations::{self, ServicePort};
-use hearth_tests::manifests::{repo_root, yaml_documents};
+use hearth_tests::manifests::{
+    COMPONENTS, kustomize, kustomize_with_components, repo_root, yaml_documents,
+};
 use hearth_tests::rbac::{self, Grant};
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
@@ -32,55 +37,15 @@ const SERVICES: [&str; 4] = [
     "ingress-sync",
     "health-exporter",
 ];
-const COMPONENTS: [&str; 4] = ["monitoring", "eso", "sdk-server-alias", "ha"];
 const APPS: [&str; 4] = ["paperless", "wallabag", "miniflux", "immich"];
 
 fn render(relative: &str) -> Vec<Value> {
-    yaml_documents(&rbac::kustomize(relative).unwrap()).unwrap()
+    yaml_documents(&kustomize(relative).unwrap()).unwrap()
 }
 
-/// deploy/ with every component, through an overlay outside the repository (kustomize refuses an
-/// overlay inside the base it builds on, and absolute paths).
+/// deploy/ with every component, as a user's overlay renders it.
 fn render_with_every_component() -> Vec<Value> {
-    let overlay = tempfile::tempdir().unwrap();
-    let up = overlay
-        .path()
-        .components()
-        .filter(|c| matches!(c, Component::Normal(_)))
-        .map(|_| "..")
-        .collect::<Vec<_>>()
-        .join("/");
-    let deploy = format!(
-        "{up}/{}",
-        repo_root()
-            .join("deploy")
-            .strip_prefix("/")
-            .unwrap()
-            .display()
-    );
-    let components: Vec<String> = COMPONENTS
-        .iter()
-        .map(|c| format!("  - {deploy}/components/{c}"))
-        .collect();
-    std::fs::write(
-        overlay.path().join("kustomization.yaml"),
-        format!(
-            "resources:\n  - {deploy}\ncomponents:\n{}\n",
-            components.join("\n")
-        ),
-    )
-    .unwrap();
-    let output = std::process::Command::new("kubectl")
-        .arg("kustomize")
-        .arg(overlay.path())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    yaml_documents(&String::from_utf8_lossy(&output.stdout)).unwrap()
+    yaml_documents(&kustomize_with_components(&COMPONENTS).unwrap()).unwrap()
 }
 
 fn of_kind<'a>(objects: &'a [Value], kind: &str) -> impl Iterator<Item = &'a Value> {
@@ -140,6 +105,7 @@ fn custom_shape(kind: &str) -> Option<Value> {
         }),
         // ESO's BitwardenSecretsManagerProvider (external-secrets.io/v1).
         "ClusterSecretStore" => json!({
+            "conditions": [{"namespaces": [""], "namespaceSelector": "*", "namespaceRegexes": [""]}],
             "provider": {"bitwardensecretsmanager": {
                 "apiURL": "", "identityURL": "", "bitwardenServerSDKURL": "", "caBundle": "",
                 "caProvider": {"type": "", "name": "", "key": "", "namespace": ""},
@@ -197,6 +163,8 @@ fn problems(object: &Value) -> Vec<String> {
         "ConfigMap" => typed::<ConfigMap>(object),
         "Secret" => typed::<Secret>(object),
         "PersistentVolumeClaim" => typed::<PersistentVolumeClaim>(object),
+        "ValidatingAdmissionPolicy" => typed::<ValidatingAdmissionPolicy>(object),
+        "ValidatingAdmissionPolicyBinding" => typed::<ValidatingAdmissionPolicyBinding>(object),
         _ => match custom_shape(kind) {
             Some(shape) => {
                 let mut out = Vec::new();
@@ -344,6 +312,71 @@ fn every_hearth_pod_meets_the_restricted_standard_with_probes_and_sized_resource
             name
         );
     }
+    // Every named port a probe, Service or NetworkPolicy uses is one the container declares,
+    // and every PodDisruptionBudget selects a Deployment's pods.
+    for deployment in &deployments {
+        let name = deployment.metadata.name.clone().unwrap();
+        let template = &deployment.spec.as_ref().unwrap().template;
+        let container = &template.spec.as_ref().unwrap().containers[0];
+        let declared: BTreeSet<String> = container
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.name.clone())
+            .collect();
+        let service = named(&objects, "Service", &name);
+        let policy = named(&objects, "NetworkPolicy", &name);
+        let used = service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| &p["targetPort"])
+            .chain(
+                policy["spec"]["ingress"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|rule| rule["ports"].as_array().unwrap())
+                    .map(|p| &p["port"]),
+            );
+        for port in used.filter_map(Value::as_str) {
+            assert!(declared.contains(port), "{name}: no container port {port}");
+        }
+        let labels = template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        let selector = &deployment.spec.as_ref().unwrap().selector;
+        for (key, value) in selector.match_labels.iter().flatten() {
+            assert_eq!(
+                labels.get(key),
+                Some(value),
+                "{name}: its selector matches its pods"
+            );
+        }
+    }
+    for budget in of_kind(&objects, "PodDisruptionBudget") {
+        let selector = &budget["spec"]["selector"]["matchLabels"];
+        assert!(
+            deployments.iter().any(|d| {
+                let labels = d
+                    .spec
+                    .as_ref()
+                    .unwrap()
+                    .template
+                    .metadata
+                    .as_ref()
+                    .unwrap()
+                    .labels
+                    .as_ref()
+                    .unwrap();
+                selector
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+            }),
+            "{budget}"
+        );
+        assert_eq!(budget["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
+    }
     let bridge = named(&objects, "Service", "secret-bridge");
     assert!(
         bridge["spec"]["ports"]
@@ -372,6 +405,15 @@ fn rbac_has_no_wildcard_and_reads_no_secret_it_does_not_own() {
             }
         }
     }
+    // The Secrets each service writes, and so may read; health-exporter is the one exception:
+    // it lists db-provisioner's hearth-db Secrets for their metadata only (README, "What each
+    // service may do").
+    let owned = BTreeMap::from([
+        ("db-provisioner", vec!["hearth-db", "hearth-db-credentials"]),
+        ("secret-bridge", vec!["secret-bridge-tls"]),
+        ("health-exporter", vec!["hearth-db"]),
+        ("ingress-sync", vec![]),
+    ]);
     for (account, grants) in rbac::grants(&objects) {
         for grant in &grants {
             let secrets = grant.resources.iter().any(|r| r == "secrets");
@@ -380,6 +422,17 @@ fn rbac_has_no_wildcard_and_reads_no_secret_it_does_not_own() {
                 !secrets || only_create || !grant.resource_names.is_empty(),
                 "{account} may read Secrets by any name: {grant:?}"
             );
+            if secrets && !only_create {
+                for name in &grant.resource_names {
+                    assert!(
+                        owned[account.as_str()].contains(&name.as_str()),
+                        "{account} may read Secret {name}, which it does not write"
+                    );
+                }
+            }
+            if account == "health-exporter" && secrets {
+                assert_eq!(grant.verbs, ["list", "watch"], "metadata lists only");
+            }
             let leases = grant.resources.iter().any(|r| r == "leases");
             assert!(
                 !leases || grant.namespace.as_deref() == Some(rbac::NAMESPACE),
@@ -499,14 +552,18 @@ fn every_variable_a_deployment_sets_is_one_its_binary_reads() {
         for variable in &required {
             assert!(set.contains(variable), "{name} needs {variable}");
         }
-        // What comes from the user's Secret comes under its own name, from hearth-<service>,
-        // and the example ExternalSecret of that Secret provides some of those keys.
+        // What comes from the user's Secret or ConfigMap comes under its own name, from
+        // hearth-<service>, optionally; the example ExternalSecret of that Secret provides some
+        // of those keys.
         for var in container.env.iter().flatten() {
-            let Some(key) = var
-                .value_from
-                .as_ref()
-                .and_then(|from| from.secret_key_ref.as_ref())
-            else {
+            let from = var.value_from.as_ref();
+            if let Some(setting) = from.and_then(|f| f.config_map_key_ref.as_ref()) {
+                assert_eq!(setting.key, var.name, "{name}");
+                assert_eq!(setting.name, format!("hearth-{name}"), "{name}");
+                assert_eq!(setting.optional, Some(true), "{name}");
+                continue;
+            }
+            let Some(key) = from.and_then(|f| f.secret_key_ref.as_ref()) else {
                 continue;
             };
             assert_eq!(key.key, var.name, "{name}");
@@ -669,6 +726,11 @@ fn the_example_apps_read_only_what_hearth_writes_for_their_profile() {
             }
         }
         for (workload, pod) in &workloads {
+            assert_eq!(
+                pod.enable_service_links,
+                Some(false),
+                "{app}/{workload}: service links set <SERVICE>_PORT variables apps misread"
+            );
             for container in &pod.containers {
                 let mut available = BTreeSet::new();
                 let mut reads_database = false;
@@ -762,8 +824,32 @@ fn the_example_apps_read_only_what_hearth_writes_for_their_profile() {
 #[test]
 fn the_cluster_secret_store_is_what_esos_bitwarden_provider_reads() {
     let objects = render_with_every_component();
-    let store = named(&objects, "ClusterSecretStore", "bitwarden");
+    let store = named(&objects, "ClusterSecretStore", "hearth-bitwarden");
     let provider = &store["spec"]["provider"]["bitwardensecretsmanager"];
+    // hearth's own credentials come through a store only hearth-system may use.
+    let admin = named(&objects, "ClusterSecretStore", "hearth-bitwarden-admin");
+    assert_eq!(
+        admin["spec"]["conditions"],
+        json!([{"namespaces": [rbac::NAMESPACE]}])
+    );
+    assert_eq!(
+        admin["spec"]["provider"]["bitwardensecretsmanager"]["caProvider"],
+        provider["caProvider"]
+    );
+    for external in of_kind(&render("deploy/examples/admin-secrets"), "ExternalSecret") {
+        assert_eq!(
+            external["spec"]["secretStoreRef"]["name"],
+            "hearth-bitwarden-admin"
+        );
+    }
+    for app in ["paperless", "wallabag", "miniflux"] {
+        for external in of_kind(&render(&format!("deploy/examples/{app}")), "ExternalSecret") {
+            assert_eq!(
+                external["spec"]["secretStoreRef"]["name"],
+                "hearth-bitwarden"
+            );
+        }
+    }
     // Required by ESO's ValidateStore: the SDK server URL, organization, project, credentials.
     for field in ["bitwardenServerSDKURL", "organizationID", "projectID"] {
         assert!(
@@ -778,10 +864,7 @@ fn the_cluster_secret_store_is_what_esos_bitwarden_provider_reads() {
     assert_eq!(url.scheme(), "https");
     let names = secret_bridge::certs::subject_alt_names(rbac::NAMESPACE, &[]);
     assert!(names.contains(&url.host_str().unwrap().to_owned()), "{url}");
-    assert_eq!(
-        url.host_str(),
-        Some("secret-bridge.hearth-system.svc.cluster.local")
-    );
+    assert_eq!(url.host_str(), Some("secret-bridge.hearth-system.svc"));
     let service = named(&objects, "Service", "secret-bridge");
     assert!(
         service["spec"]["ports"]
@@ -799,7 +882,10 @@ fn the_cluster_secret_store_is_what_esos_bitwarden_provider_reads() {
     // The SDK-server alias points at the bridge, and the bridge's certificate names it.
     let alias = named(&objects, "Service", "bitwarden-sdk-server");
     assert_eq!(alias["spec"]["type"], "ExternalName");
-    assert_eq!(alias["spec"]["externalName"], url.host_str().unwrap());
+    assert_eq!(
+        alias["spec"]["externalName"],
+        format!("{}.cluster.local", url.host_str().unwrap())
+    );
     let alias_name = format!(
         "bitwarden-sdk-server.{}.svc.cluster.local",
         alias["metadata"]["namespace"].as_str().unwrap()

@@ -815,9 +815,14 @@ async fn a_kubeconfig_file_reaches_the_server() {
     let path = dir.path().join("kubeconfig");
     server.write_kubeconfig(&path).unwrap();
     let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .unwrap();
+    // The harness acting as a user: it says so, as every client of the fake API must.
+    config.headers.push((
+        http::HeaderName::from_static(hearth_tests::fake_api::HARNESS_HEADER),
+        http::HeaderValue::from_static("true"),
+    ));
     let client = Client::try_from(config).unwrap();
     create_namespace(&client, "via-kubeconfig").await;
     let namespaces: Api<Namespace> = Api::all(server.client().unwrap());

@@ -7,8 +7,8 @@
 
 use std::process::Command;
 
-use hearth_tests::manifests::{repo_root, yaml_documents};
-use hearth_tests::rbac::kustomize;
+use hearth_tests::manifests::{COMPONENTS, kustomize_with_components, repo_root, yaml_documents};
+
 use serde_json::Value;
 
 const STORAGE: &str = "--storage-driver=vfs";
@@ -96,7 +96,20 @@ fn the_image_holds_four_working_binaries_as_a_non_root_user_and_no_shell() {
     let (shell, said) = working.run(&["/bin/sh", "-c", "true"]);
     assert!(!shell, "the image has a shell: {said}");
 
-    let deployments: Vec<Value> = yaml_documents(&kustomize("deploy").unwrap())
+    // The CA certificates the services trust are where rustls looks for them.
+    let (ok, mounted) = buildah(&["mount", &working.0]);
+    assert!(ok, "{mounted}");
+    let bundle = std::path::Path::new(mounted.trim()).join("etc/ssl/certs/ca-certificates.crt");
+    let certificates = std::fs::read_to_string(&bundle).unwrap();
+    assert!(
+        certificates.matches("BEGIN CERTIFICATE").count() > 50,
+        "{}",
+        bundle.display()
+    );
+    let _ = buildah(&["umount", &working.0]);
+
+    // Every variable any Deployment sets, with every component.
+    let deployments: Vec<Value> = yaml_documents(&kustomize_with_components(&COMPONENTS).unwrap())
         .unwrap()
         .into_iter()
         .filter(|o| o["kind"] == "Deployment")
@@ -106,6 +119,7 @@ fn the_image_holds_four_working_binaries_as_a_non_root_user_and_no_shell() {
         let container = &deployment["spec"]["template"]["spec"]["containers"][0];
         let binary = container["command"][0].as_str().unwrap();
         let name = deployment["metadata"]["name"].as_str().unwrap();
+        // Run as the image's user, 65532: the binaries need nothing root has.
         let (ok, version) = working.run(&[binary, "--version"]);
         assert!(ok, "{binary}: {version}");
         assert_eq!(
