@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use hearth_tests::admin::promtool_check_metrics;
 use hearth_tests::sites::{Behaviour, TestSite};
-use hearth_tests::tls::TestCa;
 use support::{
     Stack, WAIT, app, eventually, path_value, sample, status, wait_for_absence, wait_for_sample,
     wait_for_samples,
@@ -36,15 +35,7 @@ async fn an_app_is_discovered_checked_and_exported_in_the_upstream_names() {
         .await
         .unwrap();
     let site = TestSite::start(Behaviour::Status(200)).await.unwrap();
-    let ca = TestCa::new("tailnet CA").unwrap();
-    let (cert, key) = ca
-        .issue_files_until(&["localhost"], stack.dir.path(), "url", Some((2031, 1, 15)))
-        .unwrap();
-    let published = TestSite::start_tls(Behaviour::Status(200), &cert, &key)
-        .await
-        .unwrap();
-    let ca_file = stack.dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (published, ca_file) = stack.published_site(Some((2031, 1, 15))).await;
 
     let expose = format!("web:{}", site.port());
     let url = format!("https://localhost:{}", published.port());

@@ -13,7 +13,6 @@ use std::time::Duration;
 use hearth_tests::manifests::deploy_file;
 use hearth_tests::prometheus::{PrometheusServer, Scrape, rules_file_from};
 use hearth_tests::sites::{Behaviour, TestSite};
-use hearth_tests::tls::TestCa;
 use serde_json::Value;
 use support::{Stack, WAIT, eventually};
 
@@ -91,15 +90,7 @@ async fn prometheus_sees_postgres_go_and_come_back_and_scrapes_never_wait() {
     let mut stack = Stack::start().await;
     let site = TestSite::start(Behaviour::Status(200)).await.unwrap();
     let silent = TestSite::start(Behaviour::Silent).await.unwrap();
-    let ca = TestCa::new("tailnet CA").unwrap();
-    let (cert, key) = ca
-        .issue_files(&["localhost"], stack.dir.path(), "url")
-        .unwrap();
-    let published = TestSite::start_tls(Behaviour::Status(200), &cert, &key)
-        .await
-        .unwrap();
-    let ca_file = stack.dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (published, ca_file) = stack.published_site(None).await;
     stack
         .namespace_with(
             "paperless",

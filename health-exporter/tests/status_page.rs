@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 
 use hearth_tests::browser::dump_dom;
 use hearth_tests::sites::{Behaviour, TestSite};
-use hearth_tests::tls::TestCa;
 use support::{Stack, WAIT, eventually, status};
 
 /// (namespace → state) of every card in a DOM, read from its `data-` attributes.
@@ -43,15 +42,7 @@ async fn the_status_page_shows_each_app_as_status_json_does() {
     let up = TestSite::start(Behaviour::Status(200)).await.unwrap();
     let broken = TestSite::start(Behaviour::Status(503)).await.unwrap();
     let probe = |site: &TestSite| format!("http://127.0.0.1:{}/", site.port());
-    let ca = TestCa::new("tailnet CA").unwrap();
-    let (cert, key) = ca
-        .issue_files(&["localhost"], stack.dir.path(), "url")
-        .unwrap();
-    let published = TestSite::start_tls(Behaviour::Status(200), &cert, &key)
-        .await
-        .unwrap();
-    let ca_file = stack.dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (published, ca_file) = stack.published_site(None).await;
     let published_url = format!("https://localhost:{}", published.port());
     stack
         .namespace_with(

@@ -10,7 +10,7 @@ use hearth_runtime::Process;
 use hearth_runtime::annotations;
 use hearth_runtime::controller::{self, Backoff};
 use hearth_runtime::events::{EventPublisher, EventType};
-use hearth_runtime::leader::{LeaderElection, Leadership};
+use hearth_runtime::leader::Leadership;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -131,18 +131,7 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
     let metrics = Metrics::register(&process.registry)?;
     let common = &options.common;
     let token = process.shutdown.token();
-    let (leadership, election) = LeaderElection::new(
-        client.clone(),
-        &common.pod_namespace,
-        LEASE_NAME,
-        &common.pod_name,
-    )
-    .spawn(token.clone());
-    process.shutdown.spawn("leader-election", async move {
-        // The election task releases the Lease on shutdown; the drain waits for that.
-        let _ = election.await;
-        Ok(())
-    });
+    let leadership = hearth_runtime::controller::elect_leader(process, &client, common, LEASE_NAME);
 
     let (ingress_api, service_api, watch_config) = match &common.watch_namespace {
         Some(only) => (

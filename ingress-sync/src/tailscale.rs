@@ -105,25 +105,9 @@ impl std::fmt::Display for ApiFailure {
 
 impl TailscaleApi {
     pub fn new(base: &str, tailnet: &str, credentials: Credentials) -> Result<Self, Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            // A system certificate rustls cannot use is skipped, as every TLS client does.
-            let _ = roots.add(cert);
-        }
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Config(format!("TLS: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(CALL_TIMEOUT));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let tls = hearth_runtime::tls_client::config(None, "")
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let connector = hearth_runtime::tls_client::connector(tls, Some(CALL_TIMEOUT));
         Ok(Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
             base: base.trim_end_matches('/').to_owned(),

@@ -11,7 +11,31 @@ use kube::Resource;
 use kube::runtime::reflector::Store;
 
 use crate::admin::ReadinessGate;
-use crate::leader::Leadership;
+use crate::leader::{LeaderElection, Leadership};
+use crate::{CommonOptions, Process};
+
+/// Runs for `lease` in the pod's namespace under its pod name until shutdown, as a task of the
+/// process (so the drain waits for the Lease to be released); whether this process leads.
+pub fn elect_leader(
+    process: &Process,
+    client: &kube::Client,
+    options: &CommonOptions,
+    lease: &str,
+) -> Leadership {
+    let (leadership, election) = LeaderElection::new(
+        client.clone(),
+        &options.pod_namespace,
+        lease,
+        &options.pod_name,
+    )
+    .spawn(process.shutdown.token());
+    process.shutdown.spawn("leader-election", async move {
+        // The election task releases the Lease on shutdown; the drain waits for that.
+        let _ = election.await;
+        Ok(())
+    });
+    leadership
+}
 
 /// Yields each time this process becomes leader, so the new leader checks everything at once
 /// instead of at the next resync. Ends with the election.

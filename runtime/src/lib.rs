@@ -12,6 +12,7 @@ pub mod options;
 mod sensitive;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls_client;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -43,6 +44,8 @@ pub enum Error {
     DrainTimedOut(Duration),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("{0}")]
+    TlsClient(String),
 }
 
 /// A Kubernetes client for the cluster the kubeconfig or the pod's service account names, that

@@ -2,7 +2,6 @@
 //! SDK server used, with every value decrypted or encrypted here.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -113,39 +112,9 @@ impl Upstream {
     /// An HTTPS client trusting the system roots plus, for self-hosted Bitwarden, the CAs in
     /// `extra_ca` (PEM). Every call is bounded by `timeout`, well inside ESO's 10 s.
     pub fn new(extra_ca: Option<&Path>, timeout: Duration) -> Result<Self, Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for cert in native.certs {
-            // A system certificate rustls cannot use is skipped, as every TLS client does.
-            let _ = roots.add(cert);
-        }
-        if let Some(path) = extra_ca {
-            use rustls_pki_types::pem::PemObject;
-            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| Error::Config(format!("UPSTREAM_CA_FILE {}: {e}", path.display())))?;
-            for cert in certs {
-                let cert = cert.map_err(|e| {
-                    Error::Config(format!("UPSTREAM_CA_FILE {}: {e}", path.display()))
-                })?;
-                roots.add(cert).map_err(|e| {
-                    Error::Config(format!("UPSTREAM_CA_FILE {}: {e}", path.display()))
-                })?;
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Config(format!("TLS: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let tls = hearth_runtime::tls_client::config(extra_ca, "UPSTREAM_CA_FILE")
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let connector = hearth_runtime::tls_client::connector(tls, Some(timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);

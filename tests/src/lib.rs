@@ -6,6 +6,7 @@ pub mod admin;
 pub mod bench;
 pub mod browser;
 pub mod eso;
+pub mod events;
 pub mod fake_api;
 pub mod fake_bitwarden;
 pub mod local;

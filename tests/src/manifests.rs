@@ -43,18 +43,20 @@ pub fn yaml_file(path: &Path) -> Result<Value, HarnessError> {
 
 /// Runs `kubectl kustomize` on a directory of the repository; the YAML it prints.
 pub fn kustomize(relative: &str) -> Result<String, HarnessError> {
+    kubectl_kustomize(&repo_root().join(relative))
+}
+
+fn kubectl_kustomize(dir: &Path) -> Result<String, HarnessError> {
     let kubectl = on_path("kubectl").ok_or(HarnessError::MissingBinary {
         binary: "kubectl",
         package: "kubectl",
         looked: "on PATH".into(),
     })?;
-    let output = Command::new(kubectl)
-        .arg("kustomize")
-        .arg(repo_root().join(relative))
-        .output()?;
+    let output = Command::new(kubectl).arg("kustomize").arg(dir).output()?;
     if !output.status.success() {
         return Err(HarnessError::Startup(format!(
-            "kubectl kustomize {relative}: {}",
+            "kubectl kustomize {}: {}",
+            dir.display(),
             String::from_utf8_lossy(&output.stderr)
         )));
     }
@@ -95,20 +97,5 @@ pub fn kustomize_with_components(components: &[&str]) -> Result<String, HarnessE
             listed.join("\n")
         ),
     )?;
-    let kubectl = on_path("kubectl").ok_or(HarnessError::MissingBinary {
-        binary: "kubectl",
-        package: "kubectl",
-        looked: "on PATH".into(),
-    })?;
-    let output = Command::new(kubectl)
-        .arg("kustomize")
-        .arg(overlay.path())
-        .output()?;
-    if !output.status.success() {
-        return Err(HarnessError::Startup(format!(
-            "kubectl kustomize with {components:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    kubectl_kustomize(overlay.path())
 }

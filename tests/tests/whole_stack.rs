@@ -24,6 +24,13 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// One whole stack at a time: each runs PostgreSQL, Redis and four to six services, and three
+/// at once on two cores make every timing a matter of luck.
+fn one_at_a_time() -> &'static tokio::sync::Mutex<()> {
+    static SERIAL: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    SERIAL.get_or_init(|| tokio::sync::Mutex::new(()))
+}
+
 /// The directory of the service binaries, built (once per test process) as they are now.
 fn binaries() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
@@ -144,6 +151,7 @@ async fn status_of(stack: &LocalStack, namespace: &str) -> Option<Value> {
 
 #[tokio::test]
 async fn an_app_goes_through_all_four_services_and_out_again() {
+    let _alone = one_at_a_time().lock().await;
     let mut stack = stack(1).await;
     let site = app(&stack, "notes").await;
     opt_in(&stack, "notes", site.port()).await;
@@ -262,10 +270,15 @@ async fn end_state(stack: &LocalStack, apps: &[&str]) -> Value {
     for app in apps {
         let secret = database_secret(stack, app).await;
         let url = url_published(stack, app).await;
-        let namespace = Api::<Namespace>::all(client.clone())
-            .get(app)
-            .await
-            .unwrap();
+        // db-provisioner writes the namespace's annotations back after its Secret.
+        let namespace = eventually(&format!("{app}'s annotations"), WAIT, || async {
+            let namespace = Api::<Namespace>::all(client.clone()).get(app).await.ok()?;
+            let annotations = namespace.metadata.annotations.as_ref()?;
+            (annotations.contains_key("hearth.dev/redis-db")
+                && annotations.contains_key("hearth.dev/postgres-database"))
+            .then_some(namespace)
+        })
+        .await;
         let annotations = namespace.metadata.annotations.unwrap_or_default();
         let index = annotations["hearth.dev/redis-db"].clone();
         assert!(
@@ -323,6 +336,7 @@ async fn end_state(stack: &LocalStack, apps: &[&str]) -> Value {
 
 #[tokio::test]
 async fn two_replicas_and_a_leader_killed_mid_run_end_in_the_same_state() {
+    let _alone = one_at_a_time().lock().await;
     const APPS: [&str; 3] = ["alpha", "bravo", "charlie"];
     let mut stack = stack(2).await;
     let mut sites = Vec::new();
@@ -369,6 +383,7 @@ async fn two_replicas_and_a_leader_killed_mid_run_end_in_the_same_state() {
 
 #[test]
 fn the_run_command_starts_everything_says_what_happened_and_stops_cleanly() {
+    let _alone = one_at_a_time().blocking_lock();
     let mut child = Command::new(binaries().join("hearth-local"))
         .arg(binaries())
         .env("HEARTH_LOCAL_PORTS", "free")

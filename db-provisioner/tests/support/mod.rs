@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use hearth_tests::admin::ServiceProcess;
 use hearth_tests::{FakeApiServer, PostgresServer, RedisServer};
@@ -153,45 +152,25 @@ impl Stack {
     }
 
     pub async fn events_about(&self, namespace: &str) -> Vec<(String, String)> {
-        self.events()
+        hearth_tests::events::about(&self.client, namespace)
             .await
             .into_iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(namespace))
-            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .map(|seen| (seen.reason, seen.note))
             .collect()
     }
 
     /// Every Event about a namespace, as (type, reason, action, note).
     pub async fn events_in_full(&self, namespace: &str) -> Vec<(String, String, String, String)> {
-        self.events()
+        hearth_tests::events::about(&self.client, namespace)
             .await
             .into_iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(namespace))
-            .map(|e| {
-                (
-                    e.type_.unwrap_or_default(),
-                    e.reason.unwrap_or_default(),
-                    e.action.unwrap_or_default(),
-                    e.note.unwrap_or_default(),
-                )
-            })
+            .map(|seen| (seen.type_, seen.reason, seen.action, seen.note))
             .collect()
     }
 
     /// Waits for an Event with `reason` about a namespace; its note.
     pub async fn wait_for_event(&self, namespace: &str, reason: &str) -> String {
-        eventually(
-            &format!("an Event {reason} about {namespace}"),
-            Duration::from_secs(30),
-            || async {
-                self.events_about(namespace)
-                    .await
-                    .into_iter()
-                    .find(|(r, _)| r == reason)
-                    .map(|(_, note)| note)
-            },
-        )
-        .await
+        hearth_tests::events::wait_for(&self.client, namespace, reason).await
     }
 
     /// Whether the server has an extension's files installed.

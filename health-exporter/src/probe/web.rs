@@ -13,7 +13,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::ServerName;
-use rustls_pki_types::pem::PemObject;
 
 use super::{Detail, Reason, Report};
 use crate::Error;
@@ -29,34 +28,9 @@ pub struct WebProbe {
 impl WebProbe {
     /// Trusts the system's CAs, plus those in `extra_ca` (PEM) when given.
     pub fn new(extra_ca: Option<&Path>) -> Result<Self, Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            // A system certificate rustls cannot use is skipped, as every TLS client does.
-            let _ = roots.add(cert);
-        }
-        if let Some(path) = extra_ca {
-            let bad = |e: &dyn std::fmt::Display| {
-                Error::Config(format!("PROBE_CA_FILE {}: {e}", path.display()))
-            };
-            for cert in
-                rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))?
-            {
-                roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Config(format!("TLS: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(config.clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let config = hearth_runtime::tls_client::config(extra_ca, "PROBE_CA_FILE")
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let connector = hearth_runtime::tls_client::connector(config.clone(), None);
         Ok(Self {
             // One connection per probe, closed after: a probe checks that the app takes one.
             client: Client::builder(TokioExecutor::new())

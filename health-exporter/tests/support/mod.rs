@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hearth_tests::admin::ServiceProcess;
+use hearth_tests::sites::{Behaviour, TestSite};
+use hearth_tests::tls::TestCa;
 use hearth_tests::{FakeApiServer, PostgresServer, RedisServer};
 pub use hearth_tests::{eventually, sample};
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
@@ -197,6 +199,22 @@ impl Stack {
                 .await
                 .unwrap();
         }
+    }
+
+    /// A published URL's stand-in: an HTTPS site on localhost with a certificate from a CA of
+    /// its own, valid until `not_after` when given; the site, and the CA's PEM file (for
+    /// PROBE_CA_FILE).
+    pub async fn published_site(&self, not_after: Option<(i32, u8, u8)>) -> (TestSite, PathBuf) {
+        let ca = TestCa::new("tailnet CA").unwrap();
+        let (cert, key) = ca
+            .issue_files_until(&["localhost"], self.dir.path(), "url", not_after)
+            .unwrap();
+        let site = TestSite::start_tls(Behaviour::Status(200), &cert, &key)
+            .await
+            .unwrap();
+        let ca_file = self.dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        (site, ca_file)
     }
 
     /// Creates a database the exporter will see the size of.

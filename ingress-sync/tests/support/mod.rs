@@ -12,9 +12,8 @@ use hearth_tests::tailscale::StandInOperator;
 pub use hearth_tests::{eventually, metric};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use tempfile::TempDir;
@@ -154,39 +153,16 @@ impl Stack {
 
     /// Every Event about a namespace, as (type, reason, action, note).
     pub async fn events_about(&self, namespace: &str) -> Vec<(String, String, String, String)> {
-        let events: Api<Event> = Api::namespaced(self.client.clone(), "default");
-        events
-            .list(&ListParams::default())
+        hearth_tests::events::about(&self.client, namespace)
             .await
-            .unwrap()
-            .items
             .into_iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(namespace))
-            .map(|e| {
-                (
-                    e.type_.unwrap_or_default(),
-                    e.reason.unwrap_or_default(),
-                    e.action.unwrap_or_default(),
-                    e.note.unwrap_or_default(),
-                )
-            })
+            .map(|seen| (seen.type_, seen.reason, seen.action, seen.note))
             .collect()
     }
 
     /// Waits for an Event with `reason` about a namespace; its note.
     pub async fn wait_for_event(&self, namespace: &str, reason: &str) -> String {
-        eventually(
-            &format!("Event {reason} about {namespace}"),
-            WAIT,
-            || async {
-                self.events_about(namespace)
-                    .await
-                    .into_iter()
-                    .find(|(_, r, _, _)| r == reason)
-                    .map(|(_, _, _, note)| note)
-            },
-        )
-        .await
+        hearth_tests::events::wait_for(&self.client, namespace, reason).await
     }
 
     /// Writes the service made, not counting Events or the harness's own requests.
