@@ -381,16 +381,34 @@ async fn two_replicas_and_a_leader_killed_mid_run_end_in_the_same_state() {
     assert!(problems.is_empty(), "{problems:?}");
 }
 
+/// The run command's process, stopped as Ctrl-C would stop it if the test ends early, so that
+/// a failing test leaves nothing running.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn the_run_command_starts_everything_says_what_happened_and_stops_cleanly() {
     let _alone = one_at_a_time().blocking_lock();
-    let mut child = Command::new(binaries().join("hearth-local"))
-        .arg(binaries())
-        .env("HEARTH_LOCAL_PORTS", "free")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut run = Running(
+        Command::new(binaries().join("hearth-local"))
+            .arg(binaries())
+            .env("HEARTH_LOCAL_PORTS", "free")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut run.0;
     let stdout = child.stdout.take().unwrap();
     let (lines, said) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
