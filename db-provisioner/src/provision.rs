@@ -72,7 +72,13 @@ pub async fn provision(
 
     if let Some(database) = &desired.postgres {
         *step = Step::ProvisionPostgres;
-        refuse_rename(namespace, database, context).await?;
+        refuse_rename(namespace, credentials.database.as_deref(), database, context).await?;
+        // Stored before the database is made, so a rename asked for at any moment after is
+        // checked against it (the namespace's annotation is written only at the end).
+        if credentials.database.as_deref() != Some(database.as_str()) {
+            credentials.database = Some(database.as_str().to_owned());
+            context.credentials.save(&name, &credentials).await?;
+        }
         let staged = credentials.next_postgres_password.clone();
         let password = staged
             .as_ref()
@@ -202,16 +208,22 @@ async fn keep_credentials(desired: &Desired, context: &Context) -> Result<Creden
 }
 
 /// A changed `hearth.dev/postgres` would point the app at a new, empty database while its data
-/// stays in the old one: refused while the old one (this namespace's) exists.
+/// stays in the old one: refused while the old one (this namespace's) exists. The old one is
+/// the stored record, or for namespaces provisioned before there was one, the annotation.
 async fn refuse_rename(
     namespace: &Namespace,
+    stored: Option<&str>,
     database: &PgName,
     context: &Context,
 ) -> Result<(), Error> {
     let name = namespace.name_any();
-    let Some(previous) = namespace
-        .annotations()
-        .get(annotations::POSTGRES_DATABASE)
+    let recorded = stored.or_else(|| {
+        namespace
+            .annotations()
+            .get(annotations::POSTGRES_DATABASE)
+            .map(String::as_str)
+    });
+    let Some(previous) = recorded
         .and_then(|value| parse_postgres(value, &name).ok().flatten())
         .filter(|previous| previous != database)
     else {

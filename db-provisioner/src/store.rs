@@ -126,6 +126,9 @@ pub struct Credentials {
     pub redis_password: Option<Sensitive<String>>,
     /// The `hearth.dev/rotate` value last carried out.
     pub rotation: Option<String>,
+    /// The PostgreSQL database this namespace's data is in, stored before it is first made:
+    /// what a changed `hearth.dev/postgres` is checked against.
+    pub database: Option<String>,
     /// A rotation under way: its new passwords are stored here before any server sees them,
     /// and become the current ones once their server has taken them.
     pub next_postgres_password: Option<Sensitive<String>>,
@@ -208,9 +211,12 @@ impl CredentialStore {
         let mut credentials = Credentials {
             rotation: text("rotation"),
             next_rotation: text("rotation-next"),
+            database: text("database"),
             ..Credentials::default()
         };
-        let mut any = credentials.rotation.is_some() || credentials.next_rotation.is_some();
+        let mut any = credentials.rotation.is_some()
+            || credentials.next_rotation.is_some()
+            || credentials.database.is_some();
         for (field, value) in credentials.fields() {
             *value = text(field).map(Sensitive::new);
             any |= value.is_some();
@@ -226,6 +232,7 @@ impl CredentialStore {
         for (field, value) in [
             ("rotation", credentials.rotation.clone()),
             ("rotation-next", credentials.next_rotation.clone()),
+            ("database", credentials.database.clone()),
         ] {
             data.insert(key(namespace, field), value.map(String::into_bytes));
         }
@@ -242,7 +249,7 @@ impl CredentialStore {
             .fields()
             .map(|(field, _)| field)
             .into_iter()
-            .chain(["rotation", "rotation-next"])
+            .chain(["rotation", "rotation-next", "database"])
             .map(|field| (key(namespace, field), None))
             .collect();
         self.write(data).await
