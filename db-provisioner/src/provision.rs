@@ -72,7 +72,13 @@ pub async fn provision(
 
     if let Some(database) = &desired.postgres {
         *step = Step::ProvisionPostgres;
-        refuse_rename(namespace, credentials.database.as_deref(), database, context).await?;
+        refuse_rename(
+            namespace,
+            credentials.database.as_deref(),
+            database,
+            context,
+        )
+        .await?;
         // Stored before the database is made, so a rename asked for at any moment after is
         // checked against it (the namespace's annotation is written only at the end).
         if credentials.database.as_deref() != Some(database.as_str()) {
