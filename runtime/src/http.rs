@@ -2,9 +2,9 @@
 //! connections, in all and per client address, gives each a bounded time to finish its
 //! handshake and to send a request's headers (counted from when the connection starts waiting
 //! for a request, so an idle keep-alive connection is closed after the same time, as Go's
-//! `ReadTimeout` does when no `IdleTimeout` is set), closes any connection at a fixed age (a
-//! client that stops reading an answer cannot keep its place), and reads headers into a small
-//! buffer.
+//! `ReadTimeout` does when no `IdleTimeout` is set), closes any connection at a fixed age (the
+//! request in progress is finished first, within a grace; a client that stops reading an answer
+//! cannot keep its place beyond it), and reads headers into a small buffer.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,16 +15,13 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-
-/// How long open connections get to finish after shutdown.
-const CONNECTION_DRAIN: Duration = Duration::from_secs(10);
+use tokio_util::task::TaskTracker;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -32,8 +29,12 @@ pub struct Limits {
     pub max_connections: usize,
     /// The most of those one client address may hold.
     pub max_connections_per_peer: usize,
-    /// The age at which a connection is closed, whatever it is doing.
+    /// The age at which a connection is asked to close: it finishes the request in progress and
+    /// takes no more.
     pub max_connection_age: Duration,
+    /// How long a connection asked to close (at its age, or at shutdown) may take to finish
+    /// before it is cut.
+    pub close_grace: Duration,
     /// Time to complete a handshake (TLS), from accept.
     pub handshake_timeout: Duration,
     /// Time to send a request's headers, from when the connection waits for one.
@@ -48,6 +49,7 @@ impl Limits {
         max_connections: 32,
         max_connections_per_peer: 16,
         max_connection_age: Duration::from_secs(60),
+        close_grace: Duration::from_secs(10),
         handshake_timeout: Duration::from_secs(5),
         request_head_timeout: Duration::from_secs(5),
         max_header_bytes: 16 * 1024,
@@ -102,7 +104,7 @@ pub async fn serve<H, F, S>(
     F: Future<Output = io::Result<S>> + Send + 'static,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let peers = Arc::new(PeerCounts::default());
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -138,40 +140,62 @@ pub async fn serve<H, F, S>(
             continue;
         };
         open.inc();
-        let connecting = handshake(stream);
-        let http = http.clone();
-        let service = TowerToHyperService::new(router.clone());
-        let watcher = graceful.watcher();
+        let connection = serve_connection(
+            listener,
+            handshake(stream),
+            router.clone(),
+            http.clone(),
+            limits,
+            shutdown.clone(),
+        );
         let open = open.clone();
-        tokio::spawn(async move {
-            let served = tokio::time::timeout(limits.max_connection_age, async {
-                match tokio::time::timeout(limits.handshake_timeout, connecting).await {
-                    Ok(Ok(stream)) => {
-                        let connection = http.serve_connection(TokioIo::new(stream), service);
-                        if let Err(error) = watcher.watch(connection).await {
-                            tracing::debug!(%error, listener, "connection ended with an error");
-                        }
-                    }
-                    Ok(Err(error)) => tracing::debug!(%error, listener, "handshake failed"),
-                    Err(_) => tracing::debug!(listener, "handshake timed out"),
-                }
-            })
-            .await;
-            if served.is_err() {
-                tracing::debug!(listener, "connection closed at its age limit");
-            }
+        connections.spawn(async move {
+            connection.await;
             open.dec();
             drop((permit, peer_slot));
         });
     }
-    if tokio::time::timeout(CONNECTION_DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            listener,
-            "connections still open after the drain; closing them"
-        );
+    // Every connection has been asked to close and is cut after its grace, so this is bounded.
+    connections.close();
+    connections.wait().await;
+}
+
+/// One connection from accept to close: the handshake within its timeout, then requests until
+/// the client leaves, the connection reaches its age or the server shuts down; in the last two
+/// cases the request in progress may finish within the grace.
+async fn serve_connection<F, S>(
+    listener: &'static str,
+    connecting: F,
+    router: Router,
+    http: hyper::server::conn::http1::Builder,
+    limits: Limits,
+    shutdown: CancellationToken,
+) where
+    F: Future<Output = io::Result<S>>,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let aged = tokio::time::sleep(limits.max_connection_age);
+    let stream = match tokio::time::timeout(limits.handshake_timeout, connecting).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return tracing::debug!(%error, listener, "handshake failed"),
+        Err(_) => return tracing::debug!(listener, "handshake timed out"),
+    };
+    let service = TowerToHyperService::new(router);
+    let mut connection = std::pin::pin!(http.serve_connection(TokioIo::new(stream), service));
+    let why = tokio::select! {
+        served = connection.as_mut() => {
+            if let Err(error) = served {
+                tracing::debug!(%error, listener, "connection ended with an error");
+            }
+            return;
+        }
+        () = aged => "its age limit",
+        () = shutdown.cancelled() => "shutdown",
+    };
+    connection.as_mut().graceful_shutdown();
+    match tokio::time::timeout(limits.close_grace, connection).await {
+        Ok(_) => tracing::debug!(listener, why, "connection closed"),
+        Err(_) => tracing::debug!(listener, why, "connection cut: it did not finish in time"),
     }
 }
 
@@ -232,7 +256,15 @@ mod tests {
         let open = metrics.open.with_label_values(&["test"]);
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
-        let router = Router::new().route("/", get(|| async { "x".repeat(4 << 20) }));
+        let router = Router::new()
+            .route("/", get(|| async { "x".repeat(4 << 20) }))
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                    "done"
+                }),
+            );
         tokio::spawn(serve(
             "test",
             socket,
@@ -249,6 +281,7 @@ mod tests {
     async fn a_client_that_stops_reading_loses_its_connection_at_the_age_limit() {
         let limits = Limits {
             max_connection_age: Duration::from_secs(1),
+            close_grace: Duration::from_millis(300),
             ..Limits::ADMIN
         };
         let (addr, open) = big_answers(limits).await;
@@ -257,7 +290,8 @@ mod tests {
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
-        // It never reads the 4 MiB: the server's writes stall, and the age limit ends them.
+        // It never reads the 4 MiB: the server's writes stall, and the age limit and its grace
+        // end them.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(open.get(), 1);
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -269,6 +303,34 @@ mod tests {
         let mut rest = Vec::new();
         let _ = stream.read_to_end(&mut rest).await;
         assert!(rest.len() < 4 << 20, "the answer was cut off");
+    }
+
+    #[tokio::test]
+    async fn a_request_in_progress_at_the_age_limit_is_answered_then_the_connection_closes() {
+        let limits = Limits {
+            max_connection_age: Duration::from_millis(500),
+            close_grace: Duration::from_secs(5),
+            ..Limits::ADMIN
+        };
+        let (addr, open) = big_answers(limits).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        stream
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // The answer comes 800 ms in, past the 500 ms age: whole, and then the server closes.
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("done"), "{answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "closed right after the answer, not at the end of the grace"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(open.get(), 0);
     }
 
     #[tokio::test]

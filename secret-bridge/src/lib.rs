@@ -29,11 +29,13 @@ pub const SERVICE: &str = "secret-bridge";
 /// The API listener's limits: room for ESO's few connections and for a burst of strangers
 /// beside them (no one address may hold more than half), each held at most five seconds before
 /// its request (as the SDK server's Go `ReadTimeout`) and a minute in all (ESO opens a new one
-/// for each reconcile), headers in 16 KiB.
+/// for each reconcile; one older than that finishes its request, within the 8 s every answer
+/// takes at most, and is closed), headers in 16 KiB.
 const API_LIMITS: http::Limits = http::Limits {
     max_connections: 512,
     max_connections_per_peer: 256,
     max_connection_age: Duration::from_secs(60),
+    close_grace: Duration::from_secs(10),
     handshake_timeout: Duration::from_secs(5),
     request_head_timeout: Duration::from_secs(5),
     max_header_bytes: 16 * 1024,

@@ -26,6 +26,7 @@ const LIMITS: Limits = Limits {
     max_connections: 4096,
     max_connections_per_peer: 4096,
     max_connection_age: Duration::from_secs(3600),
+    close_grace: Duration::from_secs(10),
     handshake_timeout: Duration::from_secs(60),
     request_head_timeout: Duration::from_secs(60),
     max_header_bytes: 64 * 1024,
