@@ -277,6 +277,17 @@ mod tests {
         (addr, open)
     }
 
+    /// Sends `GET path` to a `big_answers` server under `limits`; the connection and the gauge.
+    async fn requested(limits: Limits, path: &str) -> (TcpStream, prometheus::IntGauge) {
+        let (addr, open) = big_answers(limits).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        (stream, open)
+    }
+
     #[tokio::test]
     async fn a_client_that_stops_reading_loses_its_connection_at_the_age_limit() {
         let limits = Limits {
@@ -284,12 +295,7 @@ mod tests {
             close_grace: Duration::from_millis(300),
             ..Limits::ADMIN
         };
-        let (addr, open) = big_answers(limits).await;
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        let (mut stream, open) = requested(limits, "/").await;
         // It never reads the 4 MiB: the server's writes stall, and the age limit and its grace
         // end them.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -312,13 +318,8 @@ mod tests {
             close_grace: Duration::from_secs(5),
             ..Limits::ADMIN
         };
-        let (addr, open) = big_answers(limits).await;
-        let mut stream = TcpStream::connect(addr).await.unwrap();
         let started = std::time::Instant::now();
-        stream
-            .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        let (mut stream, open) = requested(limits, "/slow").await;
         // The answer comes 800 ms in, past the 500 ms age: whole, and then the server closes.
         let mut answer = Vec::new();
         stream.read_to_end(&mut answer).await.unwrap();
