@@ -1,12 +1,15 @@
 //! Apply: each exposure's Ingress, checked before it is written and written only when it
 //! differs; hearth's Ingresses no longer asked for, removed. Only Ingresses that carry hearth's
 //! label and the matching source annotation are ever changed or deleted, always by server-side
-//! apply or a uid-checked delete, never a replace.
+//! apply or a uid-checked delete, never a replace; a new one is created, never applied, so an
+//! Ingress of its name made by someone else a moment before is refused, not taken over.
+
+use std::sync::Arc;
 
 use hearth_runtime::annotations::ServicePort;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
@@ -64,14 +67,38 @@ pub async fn ensure(
         return Ok(None);
     }
     let name = build::ingress_name(&exposure.service);
+    let uid = service.uid().unwrap_or_default();
+    let owner = Owner {
+        name: &exposure.service,
+        uid: &uid,
+    };
+    let body = build::ingress(desired, exposure, &context.class, &owner);
+    let ingresses: Api<Ingress> = Api::namespaced(context.client.clone(), ns);
     let all = context.ingresses.state();
-    if let Some(holder) = build::claimed_by(
+    let mut existing = context.ingresses.get(&ObjectRef::new(&name).within(ns));
+    let mut taken = build::claimed_by(
         all.iter().map(AsRef::as_ref),
         &context.class,
         &exposure.hostname,
         ns,
         &name,
-    ) {
+    );
+    if existing.is_none() && taken.is_none() {
+        // About to make a new one: the cache may not yet have heard of an Ingress made a moment
+        // ago (ours to refuse, or the host name's holder), so this is decided on the API's own
+        // list. It happens once per app.
+        let live = Api::<Ingress>::all(context.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(crate::kube("list Ingresses"))?;
+        taken = build::claimed_by(&live.items, &context.class, &exposure.hostname, ns, &name);
+        existing = live
+            .items
+            .into_iter()
+            .find(|i| i.metadata.namespace.as_deref() == Some(ns) && i.name_any() == name)
+            .map(Arc::new);
+    }
+    if let Some(holder) = taken {
         let note = format!(
             "host name {} is already asked for by Ingress {holder}, and the operator would \
              publish this app under a suffixed name; set hearth.dev/hostname to another name",
@@ -82,10 +109,35 @@ pub async fn ensure(
             .await;
         return Ok(None);
     }
-    let existing = context.ingresses.get(&ObjectRef::new(&name).within(ns));
-    if let Some(existing) = &existing
-        && !build::is_ours(existing, ns, &exposure.service)
-    {
+    if existing.is_none() {
+        // A create, unlike an apply, fails rather than take over one made since the list.
+        context.metrics.api_writes.inc();
+        match create(&ingresses, &body).await? {
+            Some(created) => {
+                let note = format!(
+                    "created Ingress {name} for Service {}, port {}, asking the tailnet for host \
+                     name {}",
+                    exposure.service, exposure.port, exposure.hostname
+                );
+                context
+                    .normal(namespace, Step::ApplyIngress, "IngressCreated", &note)
+                    .await;
+                return Ok(Some(created));
+            }
+            None => {
+                existing = ingresses
+                    .get_opt(&name)
+                    .await
+                    .map_err(crate::kube("read Ingress"))?
+                    .map(Arc::new);
+            }
+        }
+    }
+    // Gone again between the create and the read: the next pass starts over.
+    let Some(existing) = existing else {
+        return Ok(None);
+    };
+    if !build::is_ours(&existing, ns, &exposure.service) {
         let note = format!(
             "Ingress {name} exists and was not made by hearth for Service {}; hearth never \
              changes or deletes it. Rename or delete it to let hearth publish this Service",
@@ -96,18 +148,9 @@ pub async fn ensure(
             .await;
         return Ok(None);
     }
-    let uid = service.uid().unwrap_or_default();
-    let owner = Owner {
-        name: &exposure.service,
-        uid: &uid,
-    };
-    let body = build::ingress(desired, exposure, &context.class, &owner);
-    if let Some(existing) = &existing
-        && build::up_to_date(existing, &body, &|key| owns_annotation(existing, key))
-    {
+    if build::up_to_date(&existing, &body, &|key| owns_annotation(&existing, key)) {
         return Ok(Some(existing.as_ref().clone()));
     }
-    let ingresses: Api<Ingress> = Api::namespaced(context.client.clone(), ns);
     context.metrics.api_writes.inc();
     let applied = ingresses
         .patch(
@@ -117,26 +160,32 @@ pub async fn ensure(
         )
         .await
         .map_err(crate::kube("apply Ingress"))?;
-    let (reason, note) = match existing {
-        None => (
-            "IngressCreated",
-            format!(
-                "created Ingress {name} for Service {}, port {}, asking the tailnet for host name {}",
-                exposure.service, exposure.port, exposure.hostname
-            ),
-        ),
-        Some(_) => (
-            "IngressUpdated",
-            format!(
-                "brought Ingress {name} back to what hearth.dev/* asks (it had been changed or the \
-                 annotations changed)"
-            ),
-        ),
-    };
+    let note = format!(
+        "brought Ingress {name} back to what hearth.dev/* asks (it had been changed or the \
+         annotations changed)"
+    );
     context
-        .normal(namespace, Step::ApplyIngress, reason, &note)
+        .normal(namespace, Step::ApplyIngress, "IngressUpdated", &note)
         .await;
     Ok(Some(applied))
+}
+
+/// Creates the Ingress `body` describes under hearth's field manager; `None` when one of that
+/// name exists already (whoever made it).
+async fn create(
+    ingresses: &Api<Ingress>,
+    body: &serde_json::Value,
+) -> Result<Option<Ingress>, Error> {
+    let ingress: Ingress = serde_json::from_value(body.clone()).map_err(Error::Build)?;
+    let params = PostParams {
+        dry_run: false,
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+    };
+    match ingresses.create(&params, &ingress).await {
+        Ok(created) => Ok(Some(created)),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
+        Err(error) => Err(crate::kube("create Ingress")(error)),
+    }
 }
 
 /// Why the operator could not send to this Service, if it could not.

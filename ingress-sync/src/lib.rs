@@ -122,13 +122,15 @@ pub enum Error {
         action: &'static str,
         source: kube::Error,
     },
+    #[error("the Ingress hearth built is not a valid Ingress: {0}")]
+    Build(#[source] serde_json::Error),
 }
 
 impl Error {
     /// The metric label and Event reason: a small, fixed set, never error text.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Runtime(_) | Self::Metrics(_) | Self::Config(_) => "Internal",
+            Self::Runtime(_) | Self::Metrics(_) | Self::Config(_) | Self::Build(_) => "Internal",
             Self::InvalidAnnotations(_) => "InvalidAnnotation",
             Self::Kube { .. } => "KubernetesError",
         }
