@@ -172,7 +172,8 @@ struct ApiState {
     issued: HashSet<String>,
     devices: Vec<Value>,
     calls: HashMap<String, usize>,
-    faults: VecDeque<(u16, Option<u64>)>,
+    /// Queued answers: the kind of call each is for (any, when None), status and Retry-After.
+    faults: VecDeque<(Option<String>, u16, Option<u64>)>,
 }
 
 /// A stand-in for the Tailscale API (`/api/v2`): devices, device deletion and OAuth tokens.
@@ -237,7 +238,16 @@ impl FakeTailscaleApi {
 
     /// The next call is answered with `status` (and a Retry-After when given).
     pub fn fail_next(&self, status: u16, retry_after: Option<u64>) {
-        lock(&self.state).faults.push_back((status, retry_after));
+        lock(&self.state)
+            .faults
+            .push_back((None, status, retry_after));
+    }
+
+    /// The next call of `kind` (`list`, `delete`, `token`) is answered with `status`.
+    pub fn fail_next_of(&self, kind: &str, status: u16, retry_after: Option<u64>) {
+        lock(&self.state)
+            .faults
+            .push_back((Some(kind.to_owned()), status, retry_after));
     }
 }
 
@@ -250,7 +260,12 @@ impl Drop for FakeTailscaleApi {
 /// Counts the call and answers a queued fault, or checks the bearer token.
 fn admit(state: &mut ApiState, kind: &str, headers: &HeaderMap) -> Option<Response> {
     *state.calls.entry(kind.to_owned()).or_default() += 1;
-    if let Some((status, retry_after)) = state.faults.pop_front() {
+    let fault = match state.faults.front() {
+        Some((Some(for_kind), ..)) if for_kind != kind => None,
+        Some(_) => state.faults.pop_front(),
+        None => None,
+    };
+    if let Some((_, status, retry_after)) = fault {
         let mut response = (
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             "slow down",
