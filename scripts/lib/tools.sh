@@ -50,8 +50,12 @@ install_run_packages() {
         install_packages "${missing[@]}"
     fi
     if ! command -v kubectl >/dev/null; then
-        echo "kubectl is needed to read deploy/ (kubectl kustomize); install it first" >&2
-        exit 1
+        echo "kubectl is needed to read deploy/ (kubectl kustomize); trying apt-get install kubectl"
+        if ! install_packages kubectl || ! command -v kubectl >/dev/null; then
+            echo "kubectl is not in this machine's package sources; install it as" \
+                "https://kubernetes.io/docs/tasks/tools/ says, then run this again" >&2
+            exit 1
+        fi
     fi
 }
 

@@ -182,6 +182,13 @@ fn every_kustomization_renders_and_every_object_round_trips_strictly() {
         ("deploy".to_owned(), render("deploy")),
         ("every component".to_owned(), render_with_every_component()),
     ];
+    // A user may take any one component without the others.
+    for component in COMPONENTS {
+        renderings.push((
+            format!("deploy with {component} alone"),
+            yaml_documents(&kustomize_with_components(&[component]).unwrap()).unwrap(),
+        ));
+    }
     for example in APPS.iter().chain(&["admin-secrets"]) {
         let dir = format!("deploy/examples/{example}");
         renderings.push((dir.clone(), render(&dir)));

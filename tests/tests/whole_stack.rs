@@ -208,6 +208,15 @@ async fn an_app_goes_through_all_four_services_and_out_again() {
     for kind in ["http", "secret", "ingress", "postgres", "redis"] {
         assert!(kinds.contains(kind), "{kind} in {card}");
     }
+    // The page people read says the same: the app's URL as a link.
+    let page = http_get(stack.admin("health-exporter"), "/")
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        page.contains(&format!("href=\"https://notes.{TAILNET}\"")),
+        "the status page links the app's URL"
+    );
 
     // secret-bridge: a secret fetched as ESO fetches it.
     let eso = stack.eso_client().await.unwrap();
