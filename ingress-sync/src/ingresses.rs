@@ -18,6 +18,9 @@ use crate::build::{self, FIELD_MANAGER, Owner};
 use crate::controller::{Context, Step};
 use crate::desired::{Desired, Exposure};
 
+/// Ingresses per page of the live list a new Ingress is checked against.
+const LIVE_PAGE: u32 = 20;
+
 /// Makes the exposure's Ingress what it should be. `None` when it was refused (and said why).
 pub async fn ensure(
     namespace: &Namespace,
@@ -86,17 +89,28 @@ pub async fn ensure(
     if existing.is_none() && taken.is_none() {
         // About to make a new one: the cache may not yet have heard of an Ingress made a moment
         // ago (ours to refuse, or the host name's holder), so this is decided on the API's own
-        // list. It happens once per app.
-        let live = Api::<Ingress>::all(context.client.clone())
-            .list(&ListParams::default())
-            .await
-            .map_err(crate::kube("list Ingresses"))?;
-        taken = build::claimed_by(&live.items, &context.class, &exposure.hostname, ns, &name);
-        existing = live
-            .items
-            .into_iter()
-            .find(|i| i.metadata.namespace.as_deref() == Some(ns) && i.name_any() == name)
-            .map(Arc::new);
+        // list. It happens once per app, a page at a time to hold little memory.
+        let all: Api<Ingress> = Api::all(context.client.clone());
+        let mut page = ListParams::default().limit(LIVE_PAGE);
+        loop {
+            let live = all
+                .list(&page)
+                .await
+                .map_err(crate::kube("list Ingresses"))?;
+            taken = taken.or_else(|| {
+                build::claimed_by(&live.items, &context.class, &exposure.hostname, ns, &name)
+            });
+            existing = existing.or_else(|| {
+                live.items
+                    .into_iter()
+                    .find(|i| i.metadata.namespace.as_deref() == Some(ns) && i.name_any() == name)
+                    .map(Arc::new)
+            });
+            match live.metadata.continue_ {
+                Some(token) if !token.is_empty() => page = page.continue_token(&token),
+                _ => break,
+            }
+        }
     }
     if let Some(holder) = taken {
         let note = format!(
