@@ -50,6 +50,16 @@ fn seed(api: &FakeTailscaleApi) {
     }
 }
 
+fn assert_the_429_was_counted(metrics_text: &str) {
+    assert!(
+        metric(
+            metrics_text,
+            "hearth_ingress_sync_errors_total{reason=\"TailscaleApiError\"}"
+        ) >= 1.0,
+        "the 429 is counted"
+    );
+}
+
 async fn photos_published_as_photos_1(stack: &Stack) {
     stack.operator.occupy("photos");
     stack.namespace_with("photos", &[]).await;
@@ -92,13 +102,7 @@ async fn a_left_behind_proxy_is_reported_and_nothing_is_deleted() {
     }
     let text = process.get("/metrics").await.unwrap().body;
     assert_eq!(metric(&text, "hearth_ingress_sync_devices_orphaned"), 1.0);
-    assert!(
-        metric(
-            &text,
-            "hearth_ingress_sync_errors_total{reason=\"TailscaleApiError\"}"
-        ) >= 1.0,
-        "the 429 is counted"
-    );
+    assert_the_429_was_counted(&text);
     assert_eq!(api.calls("delete"), 0);
     assert_eq!(api.device_ids().len(), 4);
     assert!(
@@ -141,13 +145,7 @@ async fn with_cleanup_delete_only_the_left_behind_proxy_is_deleted() {
     })
     .await;
     let text = process.get("/metrics").await.unwrap().body;
-    assert!(
-        metric(
-            &text,
-            "hearth_ingress_sync_errors_total{reason=\"TailscaleApiError\"}"
-        ) >= 1.0,
-        "the 429 is counted"
-    );
+    assert_the_429_was_counted(&text);
     // One OAuth token serves every call of its hour, the 429 included.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(api.calls("token"), 1);
