@@ -101,14 +101,9 @@ pub fn read(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use hearth_tests::annotations;
 
-    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use super::*;
 
     #[test]
     fn a_paperless_namespace() {

@@ -183,14 +183,9 @@ pub fn authority(url: &url::Url) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use hearth_tests::annotations;
 
-    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use super::*;
 
     #[test]
     fn the_probe_defaults_to_the_first_exposed_service() {

@@ -134,14 +134,9 @@ pub fn read(namespace: &str, annotations: &BTreeMap<String, String>) -> Reading 
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use hearth_tests::annotations;
 
-    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use super::*;
 
     #[test]
     fn host_names_follow_the_contract() {

@@ -77,6 +77,14 @@ pub fn metric(exposition: &str, series: &str) -> f64 {
     sample(exposition, series).unwrap_or(0.0)
 }
 
+/// A namespace's annotations from `(key, value)` pairs, as the annotation readers take them.
+pub fn annotations(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
 /// A port free on 127.0.0.1 at the time of asking.
 pub fn free_port() -> Result<u16, HarnessError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
