@@ -138,24 +138,20 @@ impl PrometheusServer {
 
     /// The alerts firing or pending now, as the API lists them.
     pub async fn alerts(&self) -> Result<Vec<Value>, HarnessError> {
-        let reply = http_get(self.addr, "/api/v1/alerts").await?;
-        let body: Value = serde_json::from_str(&reply.body)
-            .map_err(|e| HarnessError::Startup(format!("alerts: {e}")))?;
-        Ok(body["data"]["alerts"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default())
+        self.listed("alerts", "alerts").await
     }
 
     /// The scrape targets' health as Prometheus sees it (`lastError` says why one is down).
     pub async fn targets(&self) -> Result<Vec<Value>, HarnessError> {
-        let reply = http_get(self.addr, "/api/v1/targets").await?;
+        self.listed("targets", "activeTargets").await
+    }
+
+    /// The list `data.<key>` of the API's `/api/v1/<endpoint>` answer.
+    async fn listed(&self, endpoint: &str, key: &str) -> Result<Vec<Value>, HarnessError> {
+        let reply = http_get(self.addr, &format!("/api/v1/{endpoint}")).await?;
         let body: Value = serde_json::from_str(&reply.body)
-            .map_err(|e| HarnessError::Startup(format!("targets: {e}")))?;
-        Ok(body["data"]["activeTargets"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default())
+            .map_err(|e| HarnessError::Startup(format!("{endpoint}: {e}")))?;
+        Ok(body["data"][key].as_array().cloned().unwrap_or_default())
     }
 
     pub fn addr(&self) -> SocketAddr {
