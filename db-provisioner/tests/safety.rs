@@ -169,13 +169,23 @@ async fn a_lost_or_edited_password_is_what_postgres_accepts_within_one_resync() 
         .batch_execute("ALTER ROLE notes PASSWORD 'changed-by-hand'")
         .await
         .unwrap();
-    eventually("the kept password set again", WAIT, || async {
-        stack
-            .login("notes", &second["password"], "notes")
-            .await
-            .ok()
-    })
-    .await;
+    // Polled by hand, so that a failure says why the login was refused and what hearth holds.
+    let deadline = std::time::Instant::now() + WAIT;
+    while let Err(error) = stack.login("notes", &second["password"], "notes").await {
+        if std::time::Instant::now() >= deadline {
+            let now = stack.secret("notes").await;
+            panic!(
+                "the kept password was not set again: {error:?}; Secret hearth-db {}; events {:?}",
+                match now {
+                    Some(now) if now["password"] == second["password"] => "unchanged",
+                    Some(_) => "holds another password now",
+                    None => "gone",
+                },
+                stack.events_about("notes").await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         stack
             .login("notes", "changed-by-hand", "notes")
