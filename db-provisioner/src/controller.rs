@@ -166,7 +166,9 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
         ),
     };
     let controller = Controller::new(Api::<Namespace>::all(client.clone()), watch_config)
-        .owns(secrets, ours)
+        // Not `owns`: it would key the Namespace a second time (see namespace_of), and two
+        // reconciles of one namespace at once race each other (a drop against a re-provision).
+        .watches(secrets, ours, |secret| controller::namespace_of(&secret))
         // Eight at a time: faster is bound by the disk (CREATE DATABASE copies a template),
         // and each reconcile in flight holds a database connection and its buffers.
         .with_config(ControllerConfig::default().concurrency(8))

@@ -14,7 +14,7 @@ use hearth_runtime::leader::Leadership;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
@@ -183,14 +183,10 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
         // The operator writing an Ingress's status publishes its URL; a Service appearing or
         // changing its ports may make an exposure possible.
         .watches(ingress_api, ours, |ingress| {
-            ingress
-                .namespace()
-                .map(|ns| ObjectRef::<Namespace>::new(&ns))
+            controller::namespace_of(&ingress)
         })
         .watches(service_api, watcher::Config::default(), |service| {
-            service
-                .namespace()
-                .map(|ns| ObjectRef::<Namespace>::new(&ns))
+            controller::namespace_of(&service)
         })
         .with_config(ControllerConfig::default().concurrency(8))
         .reconcile_all_on(controller::on_becoming_leader(leadership))

@@ -7,8 +7,9 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::Stream;
-use kube::Resource;
-use kube::runtime::reflector::Store;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
 
 use crate::admin::ReadinessGate;
 use crate::leader::{LeaderElection, Leadership};
@@ -57,6 +58,15 @@ pub fn every(interval: Duration) -> impl Stream<Item = ()> + Send {
         tokio::time::sleep(interval).await;
         Some(((), ()))
     })
+}
+
+/// The Namespace an object lives in, keyed exactly as the controller keys the Namespace itself.
+///
+/// kube-runtime's `owns` keys an owner by the child's namespace too, so a Namespace owning a
+/// Secret in itself got a second key (`Namespace/x` within `x`): the runner, which keeps one
+/// reconcile in flight per key, then ran two reconciles of the same Namespace at once.
+pub fn namespace_of<K: Resource>(object: &K) -> Option<ObjectRef<Namespace>> {
+    object.namespace().map(|name| ObjectRef::new(&name))
 }
 
 /// Opens `gate` once the controller's store has had its first full list.
@@ -123,6 +133,30 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_maps_to_the_key_of_its_namespace() {
+        use k8s_openapi::api::core::v1::Secret;
+        use kube::api::ObjectMeta;
+
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some("paperless".into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some("hearth-db".into()),
+                namespace: Some("paperless".into()),
+                ..ObjectMeta::default()
+            },
+            ..Secret::default()
+        };
+        assert_eq!(namespace_of(&secret), Some(ObjectRef::from_obj(&namespace)));
+        assert_eq!(namespace_of(&namespace), None);
+    }
 
     #[test]
     fn backoff_doubles_to_five_minutes_and_resets() {
