@@ -104,7 +104,18 @@ impl LeaderElection {
         let mut observed: Option<Observed> = None;
         let mut last_renewal: Option<Instant> = None;
         loop {
-            match self.try_acquire_or_renew(&mut observed).await {
+            // A round ends by the renew deadline even when the API never answers: a leader
+            // waiting on a hung request would go on acting after another replica took over.
+            let budget = last_renewal.map_or(self.timing.renew_deadline, |renewed| {
+                self.timing.renew_deadline.saturating_sub(renewed.elapsed())
+            });
+            let round = tokio::select! {
+                () = shutdown.cancelled() => break,
+                round = tokio::time::timeout(budget, self.try_acquire_or_renew(&mut observed)) => {
+                    round.unwrap_or(Err(Error::LeaseRoundTimedOut(budget)))
+                }
+            };
+            match round {
                 Ok(true) => {
                     last_renewal = Some(Instant::now());
                     if set(&leader, true) {
@@ -132,8 +143,13 @@ impl LeaderElection {
                 () = tokio::time::sleep(self.timing.retry_period) => {}
             }
         }
-        if set(&leader, false) {
-            self.release().await;
+        // Bounded, so an API that does not answer cannot hold up the drain.
+        if set(&leader, false)
+            && tokio::time::timeout(self.timing.retry_period, self.release())
+                .await
+                .is_err()
+        {
+            tracing::warn!(lease = %self.lease_name, "could not release the lease: no answer in time");
         }
     }
 

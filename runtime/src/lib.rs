@@ -44,6 +44,8 @@ pub enum Error {
     DrainTimedOut(Duration),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("Kubernetes API: no answer about the lease within {0:?}")]
+    LeaseRoundTimedOut(Duration),
     #[error("{0}")]
     TlsClient(String),
 }

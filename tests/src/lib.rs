@@ -16,6 +16,7 @@ pub mod prometheus;
 pub mod rbac;
 pub mod redis;
 pub mod sites;
+pub mod stall;
 pub mod tailscale;
 pub mod tls;
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use hearth_runtime::leader::{LeaderElection, Leadership, LeaseTiming};
 use hearth_tests::FakeApiServer;
+use hearth_tests::stall::StallingProxy;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -148,4 +149,30 @@ async fn a_leader_cut_off_from_the_api_stops_leading_after_the_renew_deadline() 
     );
     stop.cancel();
     task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_leader_whose_requests_hang_stops_leading_by_the_renew_deadline_and_still_stops() {
+    let (server, _) = setup().await;
+    let proxy = StallingProxy::start(server.addr()).await.unwrap();
+    let client = server.client_at(&proxy.url()).unwrap();
+    let (mut leader, stop, task) = candidate(&client, "pod-a");
+    tokio::time::timeout(Duration::from_secs(5), leader.acquired())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    proxy.stall();
+    let lost = tokio::time::timeout(Duration::from_secs(5), leader.changed())
+        .await
+        .expect("a leader with a hung request must give up leading");
+    assert_eq!(lost, Some(false));
+    let elapsed = started.elapsed();
+    assert!(elapsed < TIMING.lease_duration, "lost after {elapsed:?}");
+
+    // Shutdown is not held up by a request that will never be answered.
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .expect("the election ends at shutdown")
+        .unwrap();
 }

@@ -73,10 +73,18 @@ impl FakeApiServer {
         format!("http://{}", self.addr)
     }
 
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// A real `kube::Client` pointed at this server, with `default` as its namespace.
     pub fn client(&self) -> Result<kube::Client, HarnessError> {
-        let uri = self
-            .url()
+        self.client_at(&self.url())
+    }
+
+    /// As `client`, but sent to `url`: a proxy in front of this server.
+    pub fn client_at(&self, url: &str) -> Result<kube::Client, HarnessError> {
+        let uri = url
             .parse()
             .map_err(|e| HarnessError::Startup(format!("fake API server URL: {e}")))?;
         let mut config = kube::Config::new(uri);
@@ -99,14 +107,7 @@ impl FakeApiServer {
     /// Writes a kubeconfig for this server, for a service binary started as its own process
     /// (`KUBECONFIG=<path>`).
     pub fn write_kubeconfig(&self, path: &Path) -> Result<(), HarnessError> {
-        let kubeconfig = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    \
-             cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
-            self.url()
-        );
-        std::fs::write(path, kubeconfig)?;
-        Ok(())
+        write_kubeconfig(path, &self.url())
     }
 
     /// Forgets the watch history, as etcd compaction does: watches and list continuations from
@@ -132,4 +133,15 @@ impl Drop for FakeApiServer {
             panic!("{error}");
         }
     }
+}
+
+/// Writes a kubeconfig that sends a client to `server`, with no credentials.
+pub fn write_kubeconfig(path: &Path, server: &str) -> Result<(), HarnessError> {
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {server}\n\
+         users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    \
+         cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n"
+    );
+    std::fs::write(path, kubeconfig)?;
+    Ok(())
 }
