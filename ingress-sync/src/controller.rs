@@ -192,14 +192,12 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
         .reconcile_all_on(controller::on_becoming_leader(leadership))
         .reconcile_all_on(controller::every(options.resync_interval))
         .graceful_shutdown_on(token.cancelled_owned());
-    controller::open_when_synced(controller.store(), process.readiness.gate("kubernetes"));
-    let running = controller
-        .run(reconcile, error_policy, context)
-        .for_each(|_| futures::future::ready(()));
-    process.shutdown.spawn("controller", async move {
-        running.await;
-        Ok(())
-    });
+    let store = controller.store();
+    controller::spawn(
+        process,
+        store,
+        controller.run(reconcile, error_policy, context),
+    );
     Ok(())
 }
 

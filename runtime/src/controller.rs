@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -67,6 +67,39 @@ pub fn every(interval: Duration) -> impl Stream<Item = ()> + Send {
 /// reconcile in flight per key, then ran two reconciles of the same Namespace at once.
 pub fn namespace_of<K: Resource>(object: &K) -> Option<ObjectRef<Namespace>> {
     object.namespace().map(|name| ObjectRef::new(&name))
+}
+
+/// Runs a controller (the stream of its `run`) as a task of the process; /readyz waits for the
+/// store's first full list.
+///
+/// kube-runtime 5 holds a graceful shutdown until the store has had that first list, yet the
+/// shutdown has already stopped the watch that would bring it: stopped before then, the
+/// controller never ends and the drain times out (seen on a SIGTERM right after start). Such a
+/// controller has reconciled nothing, so it is dropped instead.
+pub fn spawn<K, S>(process: &Process, store: Store<K>, running: S)
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+    S: Stream + Send + 'static,
+{
+    open_when_synced(store.clone(), process.readiness.gate("kubernetes"));
+    let shutdown = process.shutdown.token();
+    process.shutdown.spawn("controller", async move {
+        let unsynced_at_shutdown = async {
+            shutdown.cancelled().await;
+            if store.wait_until_ready().now_or_never().is_some() {
+                // Synced (or its writer is gone): the controller ends by itself.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = running.for_each(|_| futures::future::ready(())) => {}
+            () = unsynced_at_shutdown => {
+                tracing::debug!("controller stopped before its first list");
+            }
+        }
+        Ok(())
+    });
 }
 
 /// Opens `gate` once the controller's store has had its first full list.

@@ -72,6 +72,9 @@ pub struct Process {
     pub admin_addr: SocketAddr,
     /// Connection counts of every listener the process serves.
     pub connections: http::ConnectionMetrics,
+    /// Closed until the service has added all its gates: the admin server listens before they
+    /// exist, and /readyz must not say ready in between.
+    setup: admin::ReadinessGate,
 }
 
 impl Process {
@@ -94,6 +97,7 @@ impl Process {
         let registry = metrics::registry(service, version)?;
         let connections = http::ConnectionMetrics::register(&registry)?;
         let readiness = Readiness::default();
+        let setup = readiness.gate("setup");
         let shutdown = Shutdown::new(shutdown::DEFAULT_DRAIN);
         shutdown.listen_for_signals()?;
         let admin = AdminServer::bind(
@@ -115,11 +119,14 @@ impl Process {
             shutdown,
             admin_addr,
             connections,
+            setup,
         })
     }
 
-    /// Waits for the shutdown signal and the drain of every task.
+    /// Waits for the shutdown signal and the drain of every task. The service has set itself up
+    /// by now, so its own gates alone decide readiness from here.
     pub async fn run_until_shutdown(self) -> Result<(), Error> {
+        self.setup.open();
         let result = self.shutdown.wait().await;
         tracing::info!("stopped");
         result

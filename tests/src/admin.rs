@@ -235,6 +235,54 @@ pub fn promtool_check_metrics(exposition: &str) -> Result<(), HarnessError> {
     }
 }
 
+/// What every service that talks to Kubernetes must do, checked twice: as
+/// `check_service_binary` says, against the fake API server; then against an API server that
+/// accepts connections and never answers (one restarting, or a node losing its network), where
+/// `/readyz` must stay 503 and SIGTERM must still end the process cleanly within five seconds.
+pub async fn check_kube_service_binary(binary: &str, service: &str) -> Result<(), HarnessError> {
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    let api = crate::FakeApiServer::start().await?;
+    api.write_kubeconfig(&kubeconfig)?;
+    let kubeconfig = kubeconfig.display().to_string();
+    let env = [
+        ("KUBECONFIG", kubeconfig.as_str()),
+        ("POD_NAMESPACE", "hearth-system"),
+    ];
+    check_service_binary(binary, service, &env).await?;
+
+    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let stalled_kubeconfig = dir.path().join("stalled-kubeconfig");
+    crate::fake_api::write_kubeconfig(
+        &stalled_kubeconfig,
+        &format!("http://{}", stalled.local_addr()?),
+    )?;
+    let holding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = stalled.accept().await {
+            held.push(connection);
+        }
+    });
+    let stalled_kubeconfig = stalled_kubeconfig.display().to_string();
+    let env = [
+        ("KUBECONFIG", stalled_kubeconfig.as_str()),
+        ("POD_NAMESPACE", "hearth-system"),
+    ];
+    let mut process = ServiceProcess::start(Path::new(binary), &env).await?;
+    // Long enough for the service to have sent its first requests into the stall.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let readyz = process.get("/readyz").await?;
+    assert_eq!(
+        readyz.status, 503,
+        "ready without Kubernetes: {}",
+        readyz.body
+    );
+    let status = process.terminate(Duration::from_secs(5)).await?;
+    holding.abort();
+    assert!(status.success(), "exit status {status}: {}", process.logs());
+    Ok(())
+}
+
 /// What every service binary must do on its admin port, checked against a running process
 /// started with `env` added: `/livez` answers 200 at once and `/readyz` soon after, `/metrics`
 /// is text format 0.0.4 with `hearth_build_info{service,version}` and passes promtool, and
