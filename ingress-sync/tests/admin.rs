@@ -6,6 +6,7 @@ async fn the_binary_answers_on_its_admin_port() {
     hearth_tests::admin::check_kube_service_binary(
         env!("CARGO_BIN_EXE_ingress-sync"),
         "ingress-sync",
+        &[],
     )
     .await
     .unwrap();

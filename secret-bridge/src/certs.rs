@@ -401,31 +401,38 @@ impl SelfManaged {
         shutdown: &CancellationToken,
     ) -> Option<(Arc<CurrentCertificate>, String)> {
         loop {
-            match self.start().await {
+            // The API may take a request and never answer: shutdown must not wait for it.
+            let attempt = tokio::select! {
+                () = shutdown.cancelled() => return None,
+                attempt = self.start() => attempt,
+            };
+            let error = match attempt {
                 Ok(started) => return Some(started),
-                Err(error) => {
-                    tracing::error!(%error, "no certificate to serve yet; trying again in 30 s");
-                    let regarding = ObjectReference {
-                        api_version: Some("v1".to_owned()),
-                        kind: Some("Secret".to_owned()),
-                        name: Some(SECRET_NAME.to_owned()),
-                        namespace: Some(self.namespace.clone()),
-                        ..ObjectReference::default()
-                    };
-                    let reason = match error {
-                        Error::Foreign { .. } => "ForeignObject",
-                        _ => "CertificateUnavailable",
-                    };
-                    events
-                        .publish(
-                            &regarding,
-                            EventType::Warning,
-                            reason,
-                            "KeepCertificate",
-                            &error.to_string(),
-                        )
-                        .await;
-                }
+                Err(error) => error,
+            };
+            tracing::error!(%error, "no certificate to serve yet; trying again in 30 s");
+            let regarding = ObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some("Secret".to_owned()),
+                name: Some(SECRET_NAME.to_owned()),
+                namespace: Some(self.namespace.clone()),
+                ..ObjectReference::default()
+            };
+            let reason = match error {
+                Error::Foreign { .. } => "ForeignObject",
+                _ => "CertificateUnavailable",
+            };
+            let note = error.to_string();
+            let warn = events.publish(
+                &regarding,
+                EventType::Warning,
+                reason,
+                "KeepCertificate",
+                &note,
+            );
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = warn => {}
             }
             tokio::select! {
                 () = shutdown.cancelled() => return None,
@@ -456,7 +463,11 @@ impl SelfManaged {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(CHECK_EVERY) => {}
             }
-            match self.ensure().await {
+            let checked = tokio::select! {
+                () = shutdown.cancelled() => return,
+                checked = self.ensure() => checked,
+            };
+            match checked {
                 Ok(material) if material.cert != serving => match material.certified_key() {
                     Ok(key) => {
                         certificate.replace(key);

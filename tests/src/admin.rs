@@ -239,16 +239,32 @@ pub fn promtool_check_metrics(exposition: &str) -> Result<(), HarnessError> {
 /// `check_service_binary` says, against the fake API server; then against an API server that
 /// accepts connections and never answers (one restarting, or a node losing its network), where
 /// `/readyz` must stay 503 and SIGTERM must still end the process cleanly within five seconds.
-pub async fn check_kube_service_binary(binary: &str, service: &str) -> Result<(), HarnessError> {
+/// `extra` is added to the environment of both runs.
+pub async fn check_kube_service_binary(
+    binary: &str,
+    service: &str,
+    extra: &[(&str, &str)],
+) -> Result<(), HarnessError> {
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
     let api = crate::FakeApiServer::start().await?;
+    let namespace = k8s_openapi::api::core::v1::Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some("hearth-system".to_owned()),
+            ..kube::api::ObjectMeta::default()
+        },
+        ..Default::default()
+    };
+    kube::Api::all(api.client()?)
+        .create(&kube::api::PostParams::default(), &namespace)
+        .await?;
     api.write_kubeconfig(&kubeconfig)?;
     let kubeconfig = kubeconfig.display().to_string();
-    let env = [
+    let mut env = vec![
         ("KUBECONFIG", kubeconfig.as_str()),
         ("POD_NAMESPACE", "hearth-system"),
     ];
+    env.extend_from_slice(extra);
     check_service_binary(binary, service, &env).await?;
 
     let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -264,10 +280,11 @@ pub async fn check_kube_service_binary(binary: &str, service: &str) -> Result<()
         }
     });
     let stalled_kubeconfig = stalled_kubeconfig.display().to_string();
-    let env = [
+    let mut env = vec![
         ("KUBECONFIG", stalled_kubeconfig.as_str()),
         ("POD_NAMESPACE", "hearth-system"),
     ];
+    env.extend_from_slice(extra);
     let mut process = ServiceProcess::start(Path::new(binary), &env).await?;
     // Long enough for the service to have sent its first requests into the stall.
     tokio::time::sleep(Duration::from_millis(500)).await;
