@@ -173,7 +173,7 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
         .with_config(ControllerConfig::default().concurrency(8))
         // A new leader checks every namespace at once; every resync interval all are checked
         // again, to repair drift.
-        .reconcile_all_on(controller::on_becoming_leader(leadership))
+        .reconcile_all_on(controller::on_becoming_leader(leadership.clone()))
         .reconcile_all_on(controller::every(options.resync_interval))
         .graceful_shutdown_on(token.cancelled_owned());
     let store = controller.store();
@@ -181,6 +181,7 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
         process,
         store,
         controller.run(reconcile, error_policy, context),
+        leadership,
     );
     Ok(())
 }

@@ -189,7 +189,7 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
             controller::namespace_of(&service)
         })
         .with_config(ControllerConfig::default().concurrency(8))
-        .reconcile_all_on(controller::on_becoming_leader(leadership))
+        .reconcile_all_on(controller::on_becoming_leader(leadership.clone()))
         .reconcile_all_on(controller::every(options.resync_interval))
         .graceful_shutdown_on(token.cancelled_owned());
     let store = controller.store();
@@ -197,6 +197,7 @@ pub async fn start(process: &Process, options: Options) -> Result<(), Error> {
         process,
         store,
         controller.run(reconcile, error_policy, context),
+        leadership,
     );
     Ok(())
 }

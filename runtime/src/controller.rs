@@ -15,8 +15,9 @@ use crate::admin::ReadinessGate;
 use crate::leader::{LeaderElection, Leadership};
 use crate::{CommonOptions, Process};
 
-/// Runs for `lease` in the pod's namespace under its pod name until shutdown, as a task of the
-/// process (so the drain waits for the Lease to be released); whether this process leads.
+/// Runs for `lease` in the pod's namespace under its pod name until `Leadership::step_down`, as
+/// a task of the process (so the drain waits for the Lease to be released); whether this
+/// process leads.
 pub fn elect_leader(
     process: &Process,
     client: &kube::Client,
@@ -29,9 +30,11 @@ pub fn elect_leader(
         lease,
         &options.pod_name,
     )
-    .spawn(process.shutdown.token());
+    // Not the process's shutdown token: the controller steps down once it has drained (see
+    // `spawn`), so no successor writes beside reconciles that are still finishing.
+    .spawn(tokio_util::sync::CancellationToken::new());
     process.shutdown.spawn("leader-election", async move {
-        // The election task releases the Lease on shutdown; the drain waits for that.
+        // The election task releases the Lease when it ends; the drain waits for that.
         let _ = election.await;
         Ok(())
     });
@@ -76,7 +79,9 @@ pub fn namespace_of<K: Resource>(object: &K) -> Option<ObjectRef<Namespace>> {
 /// shutdown has already stopped the watch that would bring it: stopped before then, the
 /// controller never ends and the drain times out (seen on a SIGTERM right after start). Such a
 /// controller has reconciled nothing, so it is dropped instead.
-pub fn spawn<K, S>(process: &Process, store: Store<K>, running: S)
+///
+/// Once the controller has ended, `leadership` steps down and releases the Lease.
+pub fn spawn<K, S>(process: &Process, store: Store<K>, running: S, leadership: Leadership)
 where
     K: Resource + Clone + Send + Sync + 'static,
     K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
@@ -98,6 +103,7 @@ where
                 tracing::debug!("controller stopped before its first list");
             }
         }
+        leadership.step_down();
         Ok(())
     });
 }

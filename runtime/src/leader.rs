@@ -40,17 +40,29 @@ impl Default for LeaseTiming {
 
 /// Whether this process currently holds the Lease. Check it right before every write.
 #[derive(Clone)]
-pub struct Leadership(watch::Receiver<bool>);
+pub struct Leadership {
+    receiver: watch::Receiver<bool>,
+    stop: CancellationToken,
+}
+
+/// How long giving the Lease up may take at shutdown (a read and a write).
+const RELEASE_WITHIN: Duration = Duration::from_secs(3);
 
 impl Leadership {
     pub fn is_leader(&self) -> bool {
-        *self.0.borrow()
+        *self.receiver.borrow()
+    }
+
+    /// Ends the election and releases the Lease if held. Called once the work it guards has
+    /// finished, so a successor never writes beside a draining leader.
+    pub fn step_down(&self) {
+        self.stop.cancel();
     }
 
     /// Resolves once this process is leader (at once if it already is).
     pub async fn acquired(&mut self) {
         // An error means the election task ended; leadership can then never come.
-        if self.0.wait_for(|leader| *leader).await.is_err() {
+        if self.receiver.wait_for(|leader| *leader).await.is_err() {
             std::future::pending::<()>().await;
         }
     }
@@ -58,8 +70,8 @@ impl Leadership {
     /// Resolves when leadership changes either way, with the new state; `None` once the
     /// election has ended (shutdown).
     pub async fn changed(&mut self) -> Option<bool> {
-        self.0.changed().await.ok()?;
-        Some(*self.0.borrow_and_update())
+        self.receiver.changed().await.ok()?;
+        Some(*self.receiver.borrow_and_update())
     }
 }
 
@@ -92,32 +104,33 @@ impl LeaderElection {
         self
     }
 
-    /// Starts campaigning in the background; on shutdown a held Lease is released so another
-    /// replica takes over without waiting for it to expire.
-    pub fn spawn(self, shutdown: CancellationToken) -> (Leadership, tokio::task::JoinHandle<()>) {
+    /// Starts campaigning in the background until `stop` (or `Leadership::step_down`); then a
+    /// held Lease is released so another replica takes over without waiting for it to expire.
+    pub fn spawn(self, stop: CancellationToken) -> (Leadership, tokio::task::JoinHandle<()>) {
         let (sender, receiver) = watch::channel(false);
-        let task = tokio::spawn(self.campaign(sender, shutdown));
-        (Leadership(receiver), task)
+        let task = tokio::spawn(self.campaign(sender, stop.clone()));
+        (Leadership { receiver, stop }, task)
     }
 
-    async fn campaign(self, leader: watch::Sender<bool>, shutdown: CancellationToken) {
+    async fn campaign(self, leader: watch::Sender<bool>, stop: CancellationToken) {
         let mut observed: Option<Observed> = None;
+        // When the last successful round began: the Lease was written no earlier than that, so
+        // the renew deadline counted from it ends before the Lease can expire for others.
         let mut last_renewal: Option<Instant> = None;
         loop {
             // A round ends by the renew deadline even when the API never answers: a leader
             // waiting on a hung request would go on acting after another replica took over.
-            let budget = last_renewal.map_or(self.timing.renew_deadline, |renewed| {
-                self.timing.renew_deadline.saturating_sub(renewed.elapsed())
-            });
+            let budget = self.time_left(last_renewal);
+            let began = Instant::now();
             let round = tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = stop.cancelled() => break,
                 round = tokio::time::timeout(budget, self.try_acquire_or_renew(&mut observed)) => {
                     round.unwrap_or(Err(Error::LeaseRoundTimedOut(budget)))
                 }
             };
             match round {
                 Ok(true) => {
-                    last_renewal = Some(Instant::now());
+                    last_renewal = Some(began);
                     if set(&leader, true) {
                         tracing::info!(lease = %self.lease_name, holder = %self.holder, "became leader");
                     }
@@ -131,26 +144,40 @@ impl LeaderElection {
                 }
                 Err(error) => {
                     tracing::warn!(lease = %self.lease_name, error = %error, "lease update failed");
-                    let overdue = last_renewal
-                        .is_none_or(|renewed| renewed.elapsed() >= self.timing.renew_deadline);
-                    if overdue && set(&leader, false) {
-                        tracing::warn!(lease = %self.lease_name, "leadership lost: could not renew in time");
+                    if self.time_left(last_renewal).is_zero() {
+                        // From here on a candidate again, with a whole deadline per round.
+                        last_renewal = None;
+                        if set(&leader, false) {
+                            tracing::warn!(lease = %self.lease_name, "leadership lost: could not renew in time");
+                        }
                     }
                 }
             }
+            // A leader wakes by its deadline, so it stops leading on time if the next round fails.
+            let pause = match last_renewal {
+                Some(_) => self.timing.retry_period.min(self.time_left(last_renewal)),
+                None => self.timing.retry_period,
+            };
             tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(self.timing.retry_period) => {}
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
             }
         }
         // Bounded, so an API that does not answer cannot hold up the drain.
         if set(&leader, false)
-            && tokio::time::timeout(self.timing.retry_period, self.release())
+            && tokio::time::timeout(RELEASE_WITHIN, self.release())
                 .await
                 .is_err()
         {
             tracing::warn!(lease = %self.lease_name, "could not release the lease: no answer in time");
         }
+    }
+
+    /// What is left of the renew deadline since `last_renewal`; a whole one for a candidate.
+    fn time_left(&self, last_renewal: Option<Instant>) -> Duration {
+        last_renewal.map_or(self.timing.renew_deadline, |renewed| {
+            self.timing.renew_deadline.saturating_sub(renewed.elapsed())
+        })
     }
 
     /// One round: create the Lease, renew ours, or take over an expired one. `Ok(false)` means

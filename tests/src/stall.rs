@@ -58,6 +58,11 @@ impl StallingProxy {
     pub fn stall(&self) {
         self.stalled.send_replace(true);
     }
+
+    /// Bytes pass again, those held back first.
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
+    }
 }
 
 impl Drop for StallingProxy {
