@@ -91,6 +91,15 @@ pub fn free_port() -> Result<u16, HarnessError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// How often a server is started on a new port when its first was taken.
+const PORT_ATTEMPTS: u32 = 5;
+
+/// Whether a server failed to start only because its port, free when chosen, was taken before
+/// it could bind it (another test's server or client got there first).
+fn port_was_taken(error: &HarnessError) -> bool {
+    matches!(error, HarnessError::Startup(log) if log.contains("Address already in use"))
+}
+
 /// Waits until `ready` answers yes for a freshly started server process. `Ok(false)` when the
 /// process exited or `timeout` passed first.
 async fn wait_for_server<F, Fut>(

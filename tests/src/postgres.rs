@@ -45,8 +45,16 @@ impl PostgresServer {
             child: None,
         };
         server.initdb()?;
-        server.restart().await?;
-        Ok(server)
+        let mut attempt = 1;
+        loop {
+            match server.restart().await {
+                Err(error) if crate::port_was_taken(&error) && attempt < crate::PORT_ATTEMPTS => {
+                    attempt += 1;
+                    server.port = free_port()?;
+                }
+                started => return started.map(|()| server),
+            }
+        }
     }
 
     fn command(&self, program: &str) -> Command {

@@ -40,8 +40,16 @@ impl RedisServer {
             extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
             child: None,
         };
-        server.restart().await?;
-        Ok(server)
+        let mut attempt = 1;
+        loop {
+            match server.restart().await {
+                Err(error) if crate::port_was_taken(&error) && attempt < crate::PORT_ATTEMPTS => {
+                    attempt += 1;
+                    server.port = free_port()?;
+                }
+                started => return started.map(|()| server),
+            }
+        }
     }
 
     /// Starts (or starts again, on the same port, empty, as after a real restart without
@@ -63,16 +71,20 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let answers_ping = || async {
+        // Ours answering, not another test's server that took the port first: Redis asks for
+        // no password, so its process id tells.
+        let pid = format!("process_id:{}\r", child.id());
+        let ours_answers = || async {
             match self.connect().await {
-                Ok(mut connection) => redis::cmd("PING")
+                Ok(mut connection) => redis::cmd("INFO")
+                    .arg("server")
                     .query_async::<String>(&mut connection)
                     .await
-                    .is_ok(),
+                    .is_ok_and(|info| info.contains(&pid)),
                 Err(_) => false,
             }
         };
-        if wait_for_server(&mut child, READY_TIMEOUT, answers_ping).await? {
+        if wait_for_server(&mut child, READY_TIMEOUT, ours_answers).await? {
             self.child = Some(child);
             Ok(())
         } else {
