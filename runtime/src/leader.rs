@@ -154,10 +154,7 @@ impl LeaderElection {
                 }
             }
             // A leader wakes by its deadline, so it stops leading on time if the next round fails.
-            let pause = match last_renewal {
-                Some(_) => self.timing.retry_period.min(self.time_left(last_renewal)),
-                None => self.timing.retry_period,
-            };
+            let pause = self.timing.retry_period.min(self.time_left(last_renewal));
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(pause) => {}

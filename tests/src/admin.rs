@@ -245,8 +245,6 @@ pub async fn check_kube_service_binary(
     service: &str,
     extra: &[(&str, &str)],
 ) -> Result<(), HarnessError> {
-    let dir = tempfile::tempdir()?;
-    let kubeconfig = dir.path().join("kubeconfig");
     let api = crate::FakeApiServer::start().await?;
     let namespace = k8s_openapi::api::core::v1::Namespace {
         metadata: kube::api::ObjectMeta {
@@ -258,33 +256,28 @@ pub async fn check_kube_service_binary(
     kube::Api::all(api.client()?)
         .create(&kube::api::PostParams::default(), &namespace)
         .await?;
-    api.write_kubeconfig(&kubeconfig)?;
-    let kubeconfig = kubeconfig.display().to_string();
-    let mut env = vec![
-        ("KUBECONFIG", kubeconfig.as_str()),
-        ("POD_NAMESPACE", "hearth-system"),
-    ];
-    env.extend_from_slice(extra);
-    check_service_binary(binary, service, &env).await?;
+    // The same API behind a proxy that passes nothing: connections are taken, never answered.
+    let stalled = crate::stall::StallingProxy::start(api.addr()).await?;
+    stalled.stall();
+    let dir = tempfile::tempdir()?;
+    let kubeconfig_to = |name: &str, server: &str| -> Result<String, HarnessError> {
+        let path = dir.path().join(name);
+        crate::fake_api::write_kubeconfig(&path, server)?;
+        Ok(path.display().to_string())
+    };
+    let answering = kubeconfig_to("kubeconfig", &api.url())?;
+    let silent = kubeconfig_to("stalled-kubeconfig", &stalled.url())?;
+    let env_with = |kubeconfig| {
+        let mut env = vec![
+            ("KUBECONFIG", kubeconfig),
+            ("POD_NAMESPACE", "hearth-system"),
+        ];
+        env.extend_from_slice(extra);
+        env
+    };
+    check_service_binary(binary, service, &env_with(answering.as_str())).await?;
 
-    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let stalled_kubeconfig = dir.path().join("stalled-kubeconfig");
-    crate::fake_api::write_kubeconfig(
-        &stalled_kubeconfig,
-        &format!("http://{}", stalled.local_addr()?),
-    )?;
-    let holding = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((connection, _)) = stalled.accept().await {
-            held.push(connection);
-        }
-    });
-    let stalled_kubeconfig = stalled_kubeconfig.display().to_string();
-    let mut env = vec![
-        ("KUBECONFIG", stalled_kubeconfig.as_str()),
-        ("POD_NAMESPACE", "hearth-system"),
-    ];
-    env.extend_from_slice(extra);
+    let env = env_with(silent.as_str());
     let mut process = ServiceProcess::start(Path::new(binary), &env).await?;
     // Long enough for the service to have sent its first requests into the stall.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -295,7 +288,6 @@ pub async fn check_kube_service_binary(
         readyz.body
     );
     let status = process.terminate(Duration::from_secs(5)).await?;
-    holding.abort();
     assert!(status.success(), "exit status {status}: {}", process.logs());
     Ok(())
 }

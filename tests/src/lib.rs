@@ -91,13 +91,24 @@ pub fn free_port() -> Result<u16, HarnessError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// How often a server is started on a new port when its first was taken.
-const PORT_ATTEMPTS: u32 = 5;
+/// A server the harness starts from the machine's binaries on a loopback port.
+trait LocalServer {
+    fn set_port(&mut self, port: u16);
+    async fn restart(&mut self) -> Result<(), HarnessError>;
+}
 
-/// Whether a server failed to start only because its port, free when chosen, was taken before
-/// it could bind it (another test's server or client got there first).
-fn port_was_taken(error: &HarnessError) -> bool {
-    matches!(error, HarnessError::Startup(log) if log.contains("Address already in use"))
+/// Starts `server`, on a new port when its port, free when chosen, was taken before the server
+/// could bind it (another test's server or client got there first); five tries.
+async fn start_on_a_free_port<S: LocalServer>(mut server: S) -> Result<S, HarnessError> {
+    for _ in 1..5 {
+        match server.restart().await {
+            Err(HarnessError::Startup(log)) if log.contains("Address already in use") => {
+                server.set_port(free_port()?);
+            }
+            started => return started.map(|()| server),
+        }
+    }
+    server.restart().await.map(|()| server)
 }
 
 /// Waits until `ready` answers yes for a freshly started server process. `Ok(false)` when the

@@ -36,7 +36,7 @@ impl PostgresServer {
         } else {
             None
         };
-        let mut server = Self {
+        let server = Self {
             dir,
             bin,
             port: free_port()?,
@@ -45,16 +45,7 @@ impl PostgresServer {
             child: None,
         };
         server.initdb()?;
-        let mut attempt = 1;
-        loop {
-            match server.restart().await {
-                Err(error) if crate::port_was_taken(&error) && attempt < crate::PORT_ATTEMPTS => {
-                    attempt += 1;
-                    server.port = free_port()?;
-                }
-                started => return started.map(|()| server),
-            }
-        }
+        crate::start_on_a_free_port(server).await
     }
 
     fn command(&self, program: &str) -> Command {
@@ -204,6 +195,16 @@ impl PostgresServer {
         let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl crate::LocalServer for PostgresServer {
+    fn set_port(&mut self, port: u16) {
+        self.port = port;
+    }
+
+    async fn restart(&mut self) -> Result<(), HarnessError> {
+        PostgresServer::restart(self).await
     }
 }
 

@@ -33,23 +33,14 @@ impl RedisServer {
                 package: "redis-server",
                 looked: "on PATH and in /usr/bin".into(),
             })?;
-        let mut server = Self {
+        let server = Self {
             dir: tempfile::Builder::new().prefix("hearth-redis-").tempdir()?,
             binary,
             port: free_port()?,
             extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
             child: None,
         };
-        let mut attempt = 1;
-        loop {
-            match server.restart().await {
-                Err(error) if crate::port_was_taken(&error) && attempt < crate::PORT_ATTEMPTS => {
-                    attempt += 1;
-                    server.port = free_port()?;
-                }
-                started => return started.map(|()| server),
-            }
-        }
+        crate::start_on_a_free_port(server).await
     }
 
     /// Starts (or starts again, on the same port, empty, as after a real restart without
@@ -149,6 +140,16 @@ impl RedisServer {
             .get_multiplexed_async_connection()
             .await
             .map_err(|e| HarnessError::Startup(format!("connecting to redis: {e}")))
+    }
+}
+
+impl crate::LocalServer for RedisServer {
+    fn set_port(&mut self, port: u16) {
+        self.port = port;
+    }
+
+    async fn restart(&mut self) -> Result<(), HarnessError> {
+        RedisServer::restart(self).await
     }
 }
 
